@@ -1,0 +1,1 @@
+"""Ray actors: thin shells that put the ``disagg`` engines behind remote methods."""

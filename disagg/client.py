@@ -1,0 +1,436 @@
+"""The driver API: ``launch`` a cluster, then ``generate``, ``stream`` or ``generate_async``.
+
+This module sits above both ``disagg`` and ``actors``: it starts the actors and
+drives each request through them (route, prefill, decode stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import ray
+
+from disagg.config import EngineConfig, Timeouts, WorkerResources
+from disagg.detokenizer import IncrementalDetokenizer
+from disagg.errors import RequestFailedError
+from disagg.model.runner import load_tokenizer
+from disagg.model.sources import resolve_model
+from disagg.outputs import FinishReason, RequestMetrics, RequestOutput
+from disagg.prompts import Prompt, check_length, encode_prompt
+from disagg.sampling import SamplingParams, is_stop_token
+from disagg.transfer.base import choose_transport
+
+logger = logging.getLogger(__name__)
+
+_STREAM_END = object()
+
+
+def launch(
+    model: str = "smollm2-135m-instruct",
+    prefill_replicas: int = 1,
+    decode_replicas: int = 1,
+    *,
+    address: str | None = None,
+    transport: str = "nixl",
+    dtype: str = "float32",
+    max_seq_len: int = 2048,
+    max_batch: int = 16,
+    prefill_resources: WorkerResources | None = None,
+    decode_resources: WorkerResources | None = None,
+    timeouts: Timeouts | None = None,
+    object_store_memory: int = 512 * 2**20,
+    **engine_options: Any,
+) -> Cluster:
+    """Start (or join) Ray, start the coordinator and workers, and return a ``Cluster``.
+
+    ``address`` (or ``RAY_ADDRESS``) joins a running Ray cluster; without
+    either, a local Ray instance is started. Raises ``ValueError`` for an
+    unknown model or invalid settings before any actor starts.
+    """
+    for name, count in (("prefill_replicas", prefill_replicas), ("decode_replicas", decode_replicas)):
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"{name}={count!r} is invalid: start at least 1 replica.")
+    config = EngineConfig(model=model, dtype=dtype, transport=transport, max_seq_len=max_seq_len,
+                          max_batch=max_batch, timeouts=timeouts or Timeouts(), **engine_options)
+    prefill_resources = prefill_resources or WorkerResources()
+    decode_resources = decode_resources or WorkerResources()
+
+    resolved = resolve_model(model, None if config.cache_dir is None else __import__("pathlib").Path(config.cache_dir))
+    tokenizer = load_tokenizer(resolved)
+    max_model_len = _max_model_len(resolved.path)
+    if max_seq_len > max_model_len:
+        raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context of {max_model_len}: lower it.")
+    transport = choose_transport(config.transport)
+
+    started_ray = _init_ray(address, prefill_replicas * prefill_resources.num_cpus
+                            + decode_replicas * decode_resources.num_cpus, object_store_memory)
+    cluster = Cluster(config, resolved, tokenizer, max_model_len, transport, started_ray)
+    try:
+        cluster._start_workers(prefill_replicas, decode_replicas, prefill_resources, decode_resources)
+    except BaseException:
+        cluster.shutdown()
+        raise
+    return cluster
+
+
+def _max_model_len(path) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(str(path)).max_position_embeddings)
+
+
+def _init_ray(address: str | None, num_cpus_needed: float, object_store_memory: int) -> bool:
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        logger.info("joined Ray cluster at %s", address)
+        return True
+    num_cpus = max(os.cpu_count() or 1, int(num_cpus_needed + 0.999))
+    ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False,
+             log_to_driver=False)
+    logger.info("started a local Ray instance with %d logical CPUs", num_cpus)
+    return True
+
+
+class Cluster:
+    """Handle to a running disagg deployment. Thread-safe; requests run on a private event loop."""
+
+    def __init__(self, config: EngineConfig, resolved, tokenizer, max_model_len: int, transport: str,
+                 started_ray: bool) -> None:
+        self.config = config
+        self.model = resolved
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.transport = transport
+        self._started_ray = started_ray
+        self._name = f"disagg-{uuid.uuid4().hex[:8]}"
+        self._ids = itertools.count()
+        self._coordinator = None
+        self._workers: dict[str, Any] = {}  # worker id -> actor handle
+        self._kinds: dict[str, str] = {}
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="disagg-driver", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    # ----- start-up -------------------------------------------------------
+
+    def _start_workers(self, num_prefill: int, num_decode: int, prefill_res: WorkerResources,
+                       decode_res: WorkerResources) -> None:
+        from actors.coordinator import CacheCoordinator
+        from actors.decode_worker import DecodeWorker
+        from actors.prefill_worker import PrefillWorker
+
+        timeouts = self.config.timeouts
+        self._coordinator = ray.remote(CacheCoordinator).options(
+            name=f"{self._name}-coordinator", num_cpus=0, max_concurrency=1000
+        ).remote(timeouts.route_s)
+
+        specs = [("prefill", PrefillWorker, prefill_res)] * num_prefill + [("decode", DecodeWorker, decode_res)] * num_decode
+        pending = []
+        for index, (kind, cls, res) in enumerate(specs):
+            worker_id = f"{self._name}-{kind}-{index}"
+            handle = ray.remote(cls).options(
+                name=worker_id, num_cpus=res.num_cpus, num_gpus=res.num_gpus, resources=res.resources or None,
+                max_concurrency=1000,
+            ).remote(worker_id, self.config.to_dict(), self.transport, res.threads)
+            self._workers[worker_id] = handle
+            self._kinds[worker_id] = kind
+            pending.append((worker_id, kind, handle, handle.start.remote()))
+
+        for worker_id, kind, handle, ref in pending:
+            info = ray.get(ref, timeout=timeouts.actor_start_s)
+            ray.get(self._coordinator.register.remote(worker_id, kind, handle, info["handshake"]),
+                    timeout=timeouts.actor_start_s)
+        logger.info(
+            "disagg cluster %s ready: model %s, %d prefill and %d decode workers, transport %s",
+            self._name, self.model.name, num_prefill, num_decode, self.transport,
+        )
+
+    # ----- public API -----------------------------------------------------
+
+    def generate(self, prompts, params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion and return their outputs in order.
+
+        ``prompts`` is one prompt or a list of prompts; a prompt is a str, a
+        list of token ids, or a list of chat messages. Raises ``ValueError``
+        for any invalid prompt or parameter before any request starts.
+        """
+        return self._call(self.generate_async(prompts, params))
+
+    async def generate_async(self, prompts, params: SamplingParams | None = None,
+                             request_id: str | None = None) -> list[RequestOutput]:
+        """Async form of ``generate``. ``request_id`` names a single prompt's request."""
+        params = params or SamplingParams()
+        batch = self._encode_batch(prompts, params)
+        if request_id is not None and len(batch) != 1:
+            raise ValueError("request_id= names one request: pass one prompt with it, or no request_id.")
+        ids = [request_id or self._new_request_id() for _ in batch]
+        coros = [self._run(token_ids, params, rid, None) for token_ids, rid in zip(batch, ids)]
+        future = asyncio.run_coroutine_threadsafe(_gather(coros), self._loop)
+        return await asyncio.wrap_future(future)
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None,
+               request_id: str | None = None) -> Iterator[str]:
+        """Yield text deltas of one prompt as they are generated (whole UTF-8 characters only).
+
+        Closing the iterator early aborts the request and frees its KV.
+        """
+        params = params or SamplingParams()
+        token_ids = self._encode_one(prompt, params)
+        request_id = request_id or self._new_request_id()
+        deltas: asyncio.Queue = asyncio.Queue()
+
+        async def run() -> None:
+            try:
+                await self._run(token_ids, params, request_id, deltas.put_nowait)
+            finally:
+                deltas.put_nowait(_STREAM_END)
+
+        future = asyncio.run_coroutine_threadsafe(run(), self._loop)
+        try:
+            while True:
+                item = self._call(deltas.get())
+                if item is _STREAM_END:
+                    break
+                yield item
+            future.result()
+        finally:
+            if not future.done():
+                future.cancel()
+
+    def stats(self) -> dict[str, Any]:
+        """Return counters of every worker, summed per kind (see the README for the keys)."""
+        return self._call(self._stats())
+
+    def shutdown(self) -> None:
+        """Release every worker's KV and NIXL registrations, stop the actors, and Ray if we started it."""
+        if self._closed:
+            return
+        self._closed = True
+        handles = list(self._workers.values())
+        try:
+            ray.get([h.shutdown.remote() for h in handles], timeout=30)
+        except Exception as exc:  # noqa: BLE001 - shutting down anyway
+            logger.warning("worker shutdown did not finish cleanly: %r", exc)
+        for handle in handles + ([self._coordinator] if self._coordinator is not None else []):
+            ray.kill(handle, no_restart=True)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        if self._started_ray:
+            ray.shutdown()
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ----- one request ----------------------------------------------------
+
+    async def _run(self, token_ids: list[int], params: SamplingParams, request_id: str,
+                   on_text) -> RequestOutput:
+        submitted = time.perf_counter()
+        timeouts = self.config.timeouts
+        request = {"request_id": request_id, "prompt_token_ids": token_ids, "params": params.to_dict()}
+        route = await asyncio.wait_for(self._coordinator.route.remote(request_id, len(token_ids)), timeouts.route_s)
+        metrics = RequestMetrics(transport=self.transport, prefill_worker=route["prefill_id"],
+                                 decode_worker=route["decode_id"])
+        detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop, _hidden_ids(params, self))
+        state = _RequestState(detokenizer, on_text)
+        handle = None
+        try:
+            prefilled = await self._remote(route["prefill"].prefill.remote(request), timeouts.prefill_s,
+                                           route["prefill_id"], request_id)
+            self._coordinator.prefill_done.remote(request_id)
+            handle = prefilled["handle"]
+            metrics.queue_s, metrics.prefill_s = prefilled["queue_s"], prefilled["prefill_s"]
+            metrics.cached_tokens = prefilled["cached_tokens"]
+            first_at = time.perf_counter()
+            metrics.ttft_s = first_at - submitted
+            state.add(prefilled["first_token"])
+
+            if state.finish is None and handle is None:
+                state.finish = FinishReason.STOP if is_stop_token(
+                    state.token_ids[0], params, self._eos_ids) else FinishReason.LENGTH
+            if state.finish is None:
+                await self._decode(route, request, handle, state, metrics)
+                handle = None  # the decode worker has read it, or released it on failure
+            if state.finish != FinishReason.STOP or not detokenizer.stopped:
+                state.emit(detokenizer.flush())
+            if len(state.token_ids) > 1:
+                metrics.tpot_s = (time.perf_counter() - first_at) / (len(state.token_ids) - 1)
+        finally:
+            self._coordinator.finish.remote(request_id)
+            if handle is not None:
+                route["prefill"].release.remote(request_id)
+
+        return RequestOutput(request_id, token_ids, detokenizer.text, state.token_ids, state.finish, metrics)
+
+    async def _decode(self, route, request, handle, state: _RequestState, metrics: RequestMetrics) -> None:
+        timeouts = self.config.timeouts
+        request_id = request["request_id"]
+        stream = route["decode"].generate.options(num_returns="streaming").remote(
+            request, state.token_ids[0], handle)
+        finished = False
+        try:
+            first = True
+            while True:
+                try:
+                    ref = await asyncio.wait_for(stream.__anext__(),
+                                                 timeouts.first_token_s if first else timeouts.token_s)
+                except StopAsyncIteration:
+                    break
+                item = await self._remote(ref, timeouts.token_s, route["decode_id"], request_id)
+                if first:
+                    first = False
+                    metrics.queue_s += item.get("queue_s", 0.0)
+                    metrics.transfer_s = item.get("transfer_s", 0.0)
+                    metrics.transfer_bytes = item.get("transfer_bytes", 0)
+                for token_id in item["token_ids"]:
+                    state.add(token_id)
+                    if state.finish is not None:
+                        break
+                if state.finish is None and item["finish_reason"] is not None:
+                    state.finish = FinishReason(item["finish_reason"])
+                if state.finish is not None:
+                    finished = item["finish_reason"] is not None
+                    break
+        finally:
+            if not finished:
+                route["decode"].abort.remote(request_id)
+                ray.cancel(stream)
+
+    async def _remote(self, ref, timeout_s: float, worker_id: str, request_id: str):
+        try:
+            return await asyncio.wait_for(ref, timeout_s)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"request {request_id}: worker {worker_id} did not answer within {timeout_s} s"
+            ) from None
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.as_instanceof_cause()
+            if isinstance(cause, ValueError):
+                raise cause from None
+            raise RequestFailedError(f"request {request_id} failed on worker {worker_id}: {cause}") from exc
+        except ray.exceptions.RayActorError as exc:
+            raise RequestFailedError(f"request {request_id}: worker {worker_id} died: {exc}") from exc
+
+    # ----- helpers --------------------------------------------------------
+
+    @property
+    def _eos_ids(self) -> tuple[int, ...]:
+        eos = self.tokenizer.eos_token_id
+        return () if eos is None else (eos,)
+
+    def _new_request_id(self) -> str:
+        return f"req-{uuid.uuid4().hex[:12]}"
+
+    def _encode_one(self, prompt: Prompt, params: SamplingParams) -> list[int]:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a disagg.SamplingParams, got {type(params).__name__}.")
+        token_ids = encode_prompt(prompt, self.tokenizer)
+        check_length(len(token_ids), params.max_tokens, self.config.max_seq_len, self.max_model_len)
+        return token_ids
+
+    def _encode_batch(self, prompts, params: SamplingParams) -> list[list[int]]:
+        return [self._encode_one(p, params) for p in _as_batch(prompts)]
+
+    def _call(self, coro):
+        if self._closed:
+            raise RuntimeError("this cluster was shut down: launch a new one.")
+        future: Future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result()
+
+    async def _stats(self) -> dict[str, Any]:
+        ids = list(self._workers)
+        results = await asyncio.gather(*(self._workers[i].stats.remote() for i in ids))
+        per_kind: dict[str, list[dict]] = {"prefill": [], "decode": []}
+        for worker_id, result in zip(ids, results):
+            per_kind[self._kinds[worker_id]].append(result)
+        prefill, decode = per_kind["prefill"], per_kind["decode"]
+        return {
+            "transport": self.transport,
+            "prefill": {
+                "replicas": len(prefill),
+                "waiting": sum(w["waiting"] for w in prefill),
+                "prefills": sum(w["prefills"] for w in prefill),
+                "outbox_blocks_used": sum(w.get("outbox_blocks_used", 0) for w in prefill),
+                "workers": prefill,
+            },
+            "decode": {
+                "replicas": len(decode),
+                "running": sum(w["running"] for w in decode),
+                "waiting": sum(w["waiting"] for w in decode),
+                "kv_blocks_used": sum(w["kv_blocks_used"] for w in decode),
+                "kv_blocks_total": sum(w["kv_blocks_total"] for w in decode),
+                "workers": decode,
+            },
+            "leases_active": sum(w["leases_active"] for w in prefill),
+            "nixl_transfers_in_flight": sum(w.get("nixl", {}).get("num_in_flight", 0) for w in prefill + decode),
+            "transfers": {
+                "count": sum(w["transfers"] for w in decode),
+                "bytes": sum(w["transfer_bytes"] for w in decode),
+            },
+            "coordinator": await self._coordinator.stats.remote(),
+        }
+
+
+class _RequestState:
+    """Output tokens and text of one request as seen by the driver."""
+
+    def __init__(self, detokenizer: IncrementalDetokenizer, on_text) -> None:
+        self.detokenizer = detokenizer
+        self.on_text = on_text
+        self.token_ids: list[int] = []
+        self.finish: FinishReason | None = None
+
+    def add(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+        delta = self.detokenizer.add(token_id)
+        self.emit(delta.text)
+        if delta.stopped:
+            self.finish = FinishReason.STOP
+
+    def emit(self, text: str) -> None:
+        if text and self.on_text is not None:
+            self.on_text(text)
+
+
+def _hidden_ids(params: SamplingParams, cluster: Cluster) -> tuple[int, ...]:
+    return tuple(params.stop_token_ids) + cluster._eos_ids
+
+
+def _as_batch(prompts) -> list[Prompt]:
+    """Treat a str, a token-id list or a chat-message list as one prompt; anything else as a batch."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, Sequence) and prompts and all(isinstance(p, (int, dict)) for p in prompts):
+        return [prompts]
+    if isinstance(prompts, Sequence) and not prompts:
+        raise ValueError("prompts is empty: pass at least one prompt.")
+    if not isinstance(prompts, Sequence):
+        raise ValueError(f"prompts of type {type(prompts).__name__} is not supported: pass a str or a list.")
+    return list(prompts)
+
+
+async def _gather(coros) -> list:
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
