@@ -1,7 +1,8 @@
 """KV transfer through Ray's object store: the fallback when NIXL cannot load.
 
 The prefill worker ``ray.put``s a ``[num_layers, 2, kv_heads, n, head_dim]``
-array; the decode worker fetches it and copies it into its slot. It costs a
+array and keeps the reference under a lease; the decode worker fetches it,
+copies it into its slot and calls the prefill worker's ``release``. It costs a
 serialisation copy and a store round trip that NIXL avoids.
 """
 
@@ -52,7 +53,9 @@ class ObjectStoreSender(KVSender):
         lease.mark_written()
         self._num_exported += 1
         self._exported_bytes += array.nbytes
-        return {"kind": self.name, "ref": ref, "dtype": dtype, "num_tokens": result.num_tokens}
+        # The reader calls the owner's ``release`` once it has the bytes.
+        owner = ray.get_runtime_context().current_actor
+        return {"kind": self.name, "ref": ref, "dtype": dtype, "num_tokens": result.num_tokens, "owner": owner}
 
     def release(self, request_id: str) -> bool:
         return self._leases.release(request_id) is not None
@@ -90,6 +93,7 @@ class ObjectStoreReceiver(KVReceiver):
         if handle["dtype"] == "bfloat16":
             kv = kv.view(torch.bfloat16)
         self.arena.write(slot, kv)
+        handle["owner"].release.remote(request_id)
         self._num_pulls += 1
         self._pulled_bytes += array.nbytes
         return array.nbytes
