@@ -416,7 +416,7 @@ def _as_batch(prompts) -> list[Prompt]:
     """Treat a str, a token-id list or a chat-message list as one prompt; anything else as a batch."""
     if isinstance(prompts, str):
         return [prompts]
-    if isinstance(prompts, Sequence) and prompts and all(isinstance(p, (int, dict)) for p in prompts):
+    if isinstance(prompts, Sequence) and any(isinstance(p, (int, dict)) for p in prompts):
         return [prompts]
     if isinstance(prompts, Sequence) and not prompts:
         raise ValueError("prompts is empty: pass at least one prompt.")

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 import disagg
+from tests.conftest import assert_idle
 
 
 @pytest.fixture(scope="module", params=["nixl", "object_store"])
@@ -13,4 +14,5 @@ def tiny_cluster(request, ray_session):
         prefill_block_tokens=16, prefill_outbox_tokens=2048,
     )
     yield cluster
+    assert_idle(cluster)
     cluster.shutdown()

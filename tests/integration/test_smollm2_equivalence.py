@@ -42,6 +42,8 @@ def _prompts(tokenizer) -> list:
 def smol_cluster(request, ray_session):
     cluster = disagg.launch(model="smollm2-135m-instruct", transport=request.param, max_seq_len=1280, max_batch=8)
     yield cluster
+    # Every block, lease and NIXL transfer must be released once all its tests ran.
+    assert_idle(cluster)
     cluster.shutdown()
 
 
