@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import torch
 
@@ -24,7 +25,7 @@ def configure_process(threads: int) -> None:
 
 def load_runner(config: EngineConfig, threads: int) -> ModelRunner:
     configure_process(threads)
-    cache_dir = None if config.cache_dir is None else __import__("pathlib").Path(config.cache_dir)
+    cache_dir = None if config.cache_dir is None else Path(config.cache_dir)
     model = resolve_model(config.model, cache_dir)
     return ModelRunner(model, dtype=config.dtype, num_threads=threads)
 

@@ -13,8 +13,9 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -64,7 +65,7 @@ def launch(
     prefill_resources = prefill_resources or WorkerResources()
     decode_resources = decode_resources or WorkerResources()
 
-    resolved = resolve_model(model, None if config.cache_dir is None else __import__("pathlib").Path(config.cache_dir))
+    resolved = resolve_model(model, None if config.cache_dir is None else Path(config.cache_dir))
     tokenizer = load_tokenizer(resolved)
     max_model_len = _max_model_len(resolved.path)
     if max_seq_len > max_model_len:
@@ -97,8 +98,9 @@ def _init_ray(address: str | None, num_cpus_needed: float, object_store_memory: 
         logger.info("joined Ray cluster at %s", address)
         return True
     num_cpus = max(os.cpu_count() or 1, int(num_cpus_needed + 0.999))
+    # Pinning the node IP keeps Ray from probing outside addresses to guess it.
     ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False,
-             log_to_driver=False)
+             log_to_driver=False, _node_ip_address="127.0.0.1")
     logger.info("started a local Ray instance with %d logical CPUs", num_cpus)
     return True
 
@@ -154,7 +156,7 @@ class Cluster:
             ray.get(self._coordinator.register.remote(worker_id, kind, handle, info["handshake"]),
                     timeout=timeouts.actor_start_s)
         logger.info(
-            "disagg cluster %s ready: model %s, %d prefill and %d decode workers, transport %s",
+            "disagg cluster %s ready: model %s, prefill replicas %d, decode replicas %d, transport %s",
             self._name, self.model.name, num_prefill, num_decode, self.transport,
         )
 

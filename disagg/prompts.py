@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any, Union  # noqa: F401 - Union keeps the alias valid on Python 3.10
 
-Prompt = Union[str, Sequence[int], Sequence[Mapping[str, Any]]]
+Prompt = Union[str, Sequence[int], Sequence[Mapping[str, Any]]]  # noqa: UP007
 
 
 def encode_prompt(prompt: Prompt, tokenizer) -> list[int]:

@@ -20,7 +20,8 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=8, object_store_memory=512 * 2**20, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=8, object_store_memory=512 * 2**20, include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1")
     yield ray
     ray.shutdown()
 
