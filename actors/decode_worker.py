@@ -64,7 +64,9 @@ class DecodeWorker:
             self._wake = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._decode_forever())
         return {"worker_id": self.worker_id, "handshake": self.receiver.handshake(),
-                "slots": self.arena.num_slots, "slot_tokens": self.arena.slot_tokens}
+                "slots": self.arena.num_slots, "slot_tokens": self.arena.slot_tokens,
+                "arena_bytes": self.arena.tensor.numel() * self.arena.tensor.element_size(),
+                "kv_bytes_per_token": self.runner.layout.bytes_per_token}
 
     async def add_peer(self, handshake: bytes) -> None:
         """Accept a prefill worker's handshake; raises ``IncompatiblePeerError`` on a mismatch."""

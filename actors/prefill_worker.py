@@ -40,7 +40,8 @@ class PrefillWorker:
         if self._poll_task is None:
             self._poll_task = asyncio.get_running_loop().create_task(self._poll_forever())
         return {"worker_id": self.worker_id, "handshake": self.sender.handshake(),
-                "layout": self.runner.layout.__dict__, "max_model_len": self.runner.max_position_embeddings}
+                "layout": self.runner.layout.__dict__, "model": self.runner.resolved.name,
+                "kv_bytes_per_token": self.runner.layout.bytes_per_token}
 
     async def add_peer(self, handshake: bytes) -> None:
         """Accept a decode worker's handshake; raises ``IncompatiblePeerError`` on a mismatch."""

@@ -155,6 +155,7 @@ class Cluster:
             info = ray.get(ref, timeout=timeouts.actor_start_s)
             ray.get(self._coordinator.register.remote(worker_id, kind, handle, info["handshake"]),
                     timeout=timeouts.actor_start_s)
+            _log_worker_facts(worker_id, info)
         logger.info(
             "disagg cluster %s ready: model %s, prefill replicas %d, decode replicas %d, transport %s",
             self._name, self.model.name, num_prefill, num_decode, self.transport,
@@ -387,6 +388,17 @@ class Cluster:
             },
             "coordinator": await self._coordinator.stats.remote(),
         }
+
+
+def _log_worker_facts(worker_id: str, info: dict) -> None:
+    if "slots" in info:
+        logger.info("%s: decode KV arena of %d slots x %d tokens (%.1f MiB, %d KV bytes per token)",
+                    worker_id, info["slots"], info["slot_tokens"], info["arena_bytes"] / 2**20,
+                    info["kv_bytes_per_token"])
+    else:
+        logger.info("%s: model %s, %d layers, %d KV heads, head_dim %d, %s, %d KV bytes per token",
+                    worker_id, info["model"], info["layout"]["num_layers"], info["layout"]["num_kv_heads"],
+                    info["layout"]["head_dim"], info["layout"]["dtype"], info["kv_bytes_per_token"])
 
 
 class _RequestState:

@@ -1,9 +1,9 @@
 """Ownership of a request's KV blocks as an explicit state machine.
 
 A prefill worker computes a request's KV into blocks it owns, then keeps
-them until a decode worker has read them. A lease records where that
-hand-off stands, so that blocks are freed exactly once: by an explicit
-release, or by expiry when the reader never comes.
+them until a decode worker has read them. A lease records the state of that
+hand-off, so that blocks are freed exactly once, either by an explicit
+release or by expiry when no reader comes.
 
     RESERVED --mark_written--> WRITTEN --start_read--> READING
                                   ^                       |
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 class KVState(Enum):
-    """Where a lease stands in the hand-off of its KV blocks."""
+    """State of a lease in the hand-off of its KV blocks."""
 
     RESERVED = "reserved"  # blocks allocated, KV not yet computed
     WRITTEN = "written"  # KV complete, waiting for a reader
@@ -117,8 +117,8 @@ class LeaseTable:
     def __init__(self, clock: Callable[[], float] = time.monotonic, max_finished: int = 4096) -> None:
         self._clock = clock
         self._leases: dict[str, KVLease] = {}
-        # Recently finished request ids, so a late second release is told
-        # apart from a release of an id this table never saw.
+        # Recently finished request ids, which distinguish a late second
+        # release from a release of an id this table never had.
         self._finished: OrderedDict[str, KVState] = OrderedDict()
         self._max_finished = max_finished
         self._next_lease_number = 0
@@ -185,8 +185,11 @@ class LeaseTable:
     def expire_due(self, now_s: float | None = None) -> list[KVLease]:
         """Expire every lease whose deadline is at or before ``now_s`` (default: the clock).
 
-        Returns the expired leases ordered by deadline so the owner frees
-        their payloads; they are no longer in the table. Mutates the table.
+        Returns the expired leases ordered by deadline, so that the owner
+        frees their payloads. They leave the table. Mutates the table.
+
+        NOTE: a lease in READING expires too, so a reader's READ timeout must
+        end before the lease deadline, or the READ may copy reused blocks.
         """
         if now_s is None:
             now_s = self._clock()

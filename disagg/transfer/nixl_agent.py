@@ -29,21 +29,21 @@ from disagg.transfer.protocol import PROTOCOL_VERSION, Handshake, check_compatib
 
 logger = logging.getLogger(__name__)
 
-# UCX error handling mode. Measured with two processes on one host (2-core
-# x86_64 VM, no GPU, nixl-cu12 1.5.1, loopback-only network namespace; READs
-# from a registered torch tensor, each carrying a notification):
-#   "peer": the data moves by CMA, but a READ is DONE only after the remote
-#     side progresses its agent: ~1.2 ms for 4 KiB when the remote polls every
-#     1 ms, forever (until our timeout) when it does not. The first READ also
-#     waits for the remote side to finish connection set-up (~10 ms).
-#   "none": ~0.05 ms for 4 KiB with no help from the remote side, but only
-#     because CMA is one-sided. With UCX_TLS=tcp,self (the transport between
-#     hosts without RDMA) READs again need the remote side to progress.
-#   Both: a READ from a killed peer raised nixlRemoteDisconnectError in ~1 ms;
-#     256 MiB took ~50 ms (~5 GB/s).
+# UCX error handling mode of the reading side. Measured between two processes
+# on one host: a 2-core x86_64 VM without GPU, nixl-cu12 1.5.1, a loopback-only
+# network namespace, READs of a registered torch tensor carrying a notification.
+# - "peer": CMA moves the data, but a READ is DONE only after the remote side
+#   progresses its agent. 4 KiB took ~1.2 ms while the remote side polled every
+#   1 ms, and never finished while it did not poll. The first READ also waits
+#   for the remote side to finish connection set-up (~10 ms).
+# - "none": 4 KiB took ~0.05 ms without the remote side, because CMA is
+#   one-sided. With UCX_TLS=tcp,self, the transport between hosts without RDMA,
+#   READs again needed the remote side to progress.
+# - Both: a READ from a killed peer raised nixlRemoteDisconnectError in ~1 ms,
+#   256 MiB took ~50 ms (~5 GB/s), and a "none" reader worked with a "peer" owner.
 # "peer" is the default because the owner of KV blocks must poll anyway, to
-# receive release notifications and to serve TCP peers, and it keeps UCX's
-# handling of peer failures. Callers that read from a busy owner on one host
+# receive release notifications and to serve TCP peers, and because it keeps
+# UCX's handling of peer failures. A reader on the same host as a busy owner
 # may pass error_handling_mode="none".
 DEFAULT_ERROR_HANDLING_MODE = "peer"
 
@@ -101,6 +101,7 @@ class NixlEndpoint:
             raise ValueError(f"error_handling_mode must be 'peer' or 'none', got {error_handling_mode!r}")
         api, self._nixl_errors = _load_nixl()
         self.name = name
+        self._label = f"NIXL endpoint {name!r}"
         self._compat_fields = dict(compat_fields)
         self._compat_hash = compat_hash(self._compat_fields)
         self._worker = worker
@@ -126,18 +127,16 @@ class NixlEndpoint:
         """Register ``tensor`` with NIXL so that peers can read from and into it.
 
         Keeps a reference to the tensor until ``close``. Allowed once per
-        endpoint, because registering many buffers is slow: register one large
-        pool. Raises ValueError for a non-CPU or non-contiguous tensor and
+        endpoint, because registering many buffers is slow, so register one
+        large pool. Raises ValueError for a non-CPU or non-contiguous tensor and
         RuntimeError on a second call or after ``close``.
         """
         self._check_open()
         if self._tensor is not None:
-            raise RuntimeError(
-                f"NIXL endpoint {self.name!r}: a tensor is already registered; register one pool once"
-            )
+            raise RuntimeError(f"{self._label}: a tensor is already registered; register one pool, once")
         if tensor.device.type != "cpu" or not tensor.is_contiguous():
             raise ValueError(
-                f"NIXL endpoint {self.name!r}: register needs a contiguous CPU tensor, "
+                f"{self._label}: register needs a contiguous CPU tensor, "
                 f"got device={tensor.device}, contiguous={tensor.is_contiguous()}"
             )
 
@@ -154,7 +153,7 @@ class NixlEndpoint:
         """
         self._check_open()
         if self._tensor is None:
-            raise RuntimeError(f"NIXL endpoint {self.name!r}: call register() before handshake()")
+            raise RuntimeError(f"{self._label}: call register() before handshake()")
         return self._local_handshake(self._agent.get_agent_metadata()).encode()
 
     def add_peer(self, handshake_bytes: bytes) -> str:
@@ -169,22 +168,20 @@ class NixlEndpoint:
         remote = Handshake.decode(handshake_bytes)
         check_compatible(self._local_handshake(b""), remote)
         if remote.agent_name in self._peers:
-            raise ValueError(
-                f"NIXL endpoint {self.name!r}: peer {remote.agent_name!r} is already added; remove_peer first"
-            )
+            raise ValueError(f"{self._label}: peer {remote.agent_name!r} is already added; remove_peer first")
 
         try:
             added_name = self._agent.add_remote_agent(remote.nixl_metadata)
         except self._nixl_errors as exc:
             raise KVTransferError(
-                f"NIXL endpoint {self.name!r}: adding peer {remote.agent_name!r} failed: {exc!r}"
+                f"{self._label}: adding peer {remote.agent_name!r} failed: {exc!r}"
             ) from exc
         if isinstance(added_name, bytes):
             added_name = added_name.decode()
         if added_name != remote.agent_name:
             self._agent.remove_remote_agent(added_name)
             raise ValueError(
-                f"NIXL endpoint {self.name!r}: handshake names agent {remote.agent_name!r} "
+                f"{self._label}: handshake names agent {remote.agent_name!r} "
                 f"but its NIXL metadata names {added_name!r}"
             )
 
@@ -195,9 +192,10 @@ class NixlEndpoint:
         return added_name
 
     def remove_peer(self, name: str) -> None:
-        """Remove peer ``name`` and disconnect from it; a no-op for an unknown name.
+        """Remove peer ``name`` and disconnect from it. Does nothing for an unknown name.
 
-        The same name may be added again afterwards, e.g. for a restarted peer.
+        The same name may be added again afterwards, for example for a
+        restarted peer.
         """
         self._check_open()
         if name not in self._peers:
@@ -225,7 +223,8 @@ class NixlEndpoint:
         Local regions must lie in this endpoint's registered tensor, remote
         ones in the peer's. ``notif`` is delivered to the peer when the READ
         completes. Polls every ~1 ms, progressing this endpoint's own
-        notifications too. The transfer handle is released on every exit.
+        notifications too. The transfer handle is released on every exit,
+        unless NIXL cannot cancel it (then it stays in ``stats()`` as in flight).
 
         NOTE: between processes on one host UCX copies by CMA inside the post
         call, so a large READ blocks the event loop for the whole copy (~50 ms
@@ -248,7 +247,7 @@ class NixlEndpoint:
         except self._nixl_errors as exc:
             self._num_failed += 1
             raise KVTransferError(
-                f"NIXL endpoint {self.name!r}: starting a READ of {num_bytes} bytes from peer {peer!r} failed: {exc!r}"
+                f"{self._label}: starting a READ of {num_bytes} bytes from peer {peer!r} failed: {exc!r}"
             ) from exc
 
         self._in_flight.add(handle)
@@ -278,16 +277,11 @@ class NixlEndpoint:
         unknown peer and KVTransferError if NIXL fails to send.
         """
         self._check_open()
-        if peer not in self._peers:
-            raise ValueError(
-                f"NIXL endpoint {self.name!r}: unknown peer {peer!r}; add_peer its handshake first"
-            )
+        self._check_peer(peer)
         try:
             self._agent.send_notif(peer, message)
         except self._nixl_errors as exc:
-            raise KVTransferError(
-                f"NIXL endpoint {self.name!r}: notification to {peer!r} failed: {exc!r}"
-            ) from exc
+            raise KVTransferError(f"{self._label}: notification to {peer!r} failed: {exc!r}") from exc
 
     def poll_notifications(self) -> list[tuple[str, bytes]]:
         """Progress the agent and return the (peer name, message) pairs received since the last call.
@@ -308,7 +302,7 @@ class NixlEndpoint:
         """Progress the agent every ``interval_s`` until ``close`` or cancellation.
 
         With ``on_notification``, hands each notification to it as it
-        arrives; without, leaves them queued for ``poll_notifications``.
+        arrives. Without it, leaves them queued for ``poll_notifications``.
         """
         while self._agent is not None:
             self._progress()
@@ -319,8 +313,10 @@ class NixlEndpoint:
             await asyncio.sleep(interval_s)
 
     def stats(self) -> dict[str, Any]:
-        """Return counters: registered bytes, peers, completed transfers and their bytes,
-        failed transfers (errors, timeouts and cancellations) and in-flight handles."""
+        """Return counters of registered bytes, peers, transfers and in-flight handles.
+
+        ``num_failed`` counts errors, timeouts and cancellations.
+        """
         return {
             "registered_bytes": self._region[1],
             "peers": sorted(self._peers),
@@ -364,16 +360,17 @@ class NixlEndpoint:
 
     def _check_open(self) -> None:
         if self._agent is None:
-            raise RuntimeError(f"NIXL endpoint {self.name!r} is closed")
+            raise RuntimeError(f"{self._label} is closed")
+
+    def _check_peer(self, peer: str) -> None:
+        if peer not in self._peers:
+            raise ValueError(f"{self._label}: unknown peer {peer!r}; add_peer() its handshake first")
 
     def _check_regions(self, peer: str, local_regions: np.ndarray, remote_regions: np.ndarray) -> int:
         """Validate a READ's arguments and return its total length in bytes."""
-        if peer not in self._peers:
-            raise ValueError(
-                f"NIXL endpoint {self.name!r}: unknown peer {peer!r}; add_peer its handshake first"
-            )
+        self._check_peer(peer)
         if self._tensor is None:
-            raise RuntimeError(f"NIXL endpoint {self.name!r}: call register() before read()")
+            raise RuntimeError(f"{self._label}: call register() before read()")
         for label, regions in (("local_regions", local_regions), ("remote_regions", remote_regions)):
             if regions.ndim != 2 or regions.shape[1] != 2 or len(regions) == 0:
                 raise ValueError(f"{label} must have shape (N, 2) with N >= 1, got {regions.shape}")
@@ -393,7 +390,7 @@ class NixlEndpoint:
         if outside.any():
             raise ValueError(
                 f"local regions {local_regions[outside].tolist()} are outside the registered tensor "
-                f"[{base:#x}, {base + length:#x}) of NIXL endpoint {self.name!r}"
+                f"[{base:#x}, {base + length:#x}) of {self._label}"
             )
         return int(local_regions[:, 1].sum())
 
@@ -405,7 +402,7 @@ class NixlEndpoint:
             while state == "PROC":
                 if time.monotonic() > deadline_s:
                     raise TimeoutError(
-                        f"NIXL endpoint {self.name!r}: READ of {num_bytes} bytes from peer {peer!r} "
+                        f"{self._label}: READ of {num_bytes} bytes from peer {peer!r} "
                         f"timed out after {timeout_s} s"
                     )
                 self._progress()
@@ -413,11 +410,11 @@ class NixlEndpoint:
                 state = self._agent.check_xfer_state(handle)
         except self._nixl_errors as exc:
             raise KVTransferError(
-                f"NIXL endpoint {self.name!r}: READ of {num_bytes} bytes from peer {peer!r} failed: {exc!r}"
+                f"{self._label}: READ of {num_bytes} bytes from peer {peer!r} failed: {exc!r}"
             ) from exc
         if state != "DONE":
             raise KVTransferError(
-                f"NIXL endpoint {self.name!r}: READ of {num_bytes} bytes from peer {peer!r} ended in state {state}"
+                f"{self._label}: READ of {num_bytes} bytes from peer {peer!r} ended in state {state}"
             )
 
     def _progress(self) -> None:
@@ -425,13 +422,14 @@ class NixlEndpoint:
             self._notifications.extend((peer, message) for message in messages)
 
     def _release_handle(self, handle: Any) -> None:
-        self._in_flight.discard(handle)
         try:
             self._agent.release_xfer_handle(handle)
         except self._nixl_errors as exc:
-            # NOTE: NIXL could not cancel an active transfer. The handle's
-            # finalizer queues it on the agent, which retries when dropped.
+            # NIXL could not cancel an active transfer. Keep the handle in
+            # flight, so that stats() shows it and close() tries again.
             logger.error("NIXL endpoint %s: releasing a transfer handle failed: %r", self.name, exc)
+            return
+        self._in_flight.discard(handle)
 
 
 def _to_descs(regions: np.ndarray) -> np.ndarray:

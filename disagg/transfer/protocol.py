@@ -145,8 +145,8 @@ def check_compatible(local: Handshake, remote: Handshake) -> None:
 class ReleaseNotice:
     """Notification from a reader that it is done with a request's KV blocks.
 
-    ``ok`` is False when the reader gave up; the owner releases the lease in
-    both cases, and logs a failed read.
+    ``ok`` is False when the reader gave up. The owner releases the lease in
+    both cases.
     """
 
     request_id: str
