@@ -8,6 +8,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import ray
+
 from actors.common import compat_fields, load_runner
 from disagg.config import EngineConfig
 from disagg.engine.decode import DecodeEngine, TokenEvent
@@ -58,12 +60,17 @@ class DecodeWorker:
             arena = DecodeKVArena(self.runner.layout, config.max_batch, config.max_seq_len)
         return arena
 
-    async def start(self) -> dict[str, Any]:
+    async def start(self, coordinator=None) -> dict[str, Any]:
         """Start the decode loop; return this worker's registration facts."""
         if self._loop_task is None:
             self._wake = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._decode_forever())
-        return {"worker_id": self.worker_id, "handshake": self.receiver.handshake(),
+        return await self.registration()
+
+    async def registration(self) -> dict[str, Any]:
+        """Return what the coordinator needs to (re-)register this worker."""
+        return {"worker_id": self.worker_id, "kind": "decode", "handshake": self.receiver.handshake(),
+                "node_id": ray.get_runtime_context().get_node_id(),
                 "slots": self.arena.num_slots, "slot_tokens": self.arena.slot_tokens,
                 "arena_bytes": self.arena.tensor.numel() * self.arena.tensor.element_size(),
                 "kv_bytes_per_token": self.runner.layout.bytes_per_token}

@@ -7,6 +7,7 @@ drives each request through them (route, prefill, decode stream).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
@@ -19,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from transformers import AutoConfig
 
+from disagg.cache.keys import CacheNamespace, chunk_keys
 from disagg.config import EngineConfig, Timeouts, WorkerResources
 from disagg.detokenizer import IncrementalDetokenizer
 from disagg.errors import RequestFailedError
-from disagg.model.runner import load_tokenizer
+from disagg.model.runner import kv_layout_of, load_tokenizer
 from disagg.model.sources import resolve_model
 from disagg.outputs import FinishReason, RequestMetrics, RequestOutput
 from disagg.prompts import Prompt, check_length, encode_prompt
@@ -49,12 +52,17 @@ def launch(
     decode_resources: WorkerResources | None = None,
     timeouts: Timeouts | None = None,
     object_store_memory: int = 512 * 2**20,
+    cache_pool_bytes: int = 512 * 2**20,
+    cache_spill_dir: str | None = None,
+    cache_spill_bytes: int = 0,
     **engine_options: Any,
 ) -> Cluster:
     """Start (or join) Ray, start the coordinator and workers, and return a ``Cluster``.
 
     ``address`` (or ``RAY_ADDRESS``) joins a running Ray cluster; without
-    either, a local Ray instance is started. Raises ``ValueError`` for an
+    either, a local Ray instance is started. ``cache_pool_bytes`` sizes the
+    shared KV chunk pool started on every node (0 turns the cache off);
+    chunks are ``prefill_block_tokens`` long. Raises ``ValueError`` for an
     unknown model or invalid settings before any actor starts.
     """
     for name, count in (("prefill_replicas", prefill_replicas), ("decode_replicas", decode_replicas)):
@@ -71,11 +79,19 @@ def launch(
     if max_seq_len > max_model_len:
         raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context of {max_model_len}: lower it.")
     transport = choose_transport(config.transport)
+    if cache_pool_bytes < 0:
+        raise ValueError(f"cache_pool_bytes={cache_pool_bytes} is invalid: use 0 to turn the cache off, or a size.")
+    if cache_pool_bytes and transport != "nixl":
+        logger.warning("the KV chunk cache needs the NIXL transport; running with the cache off")
+        cache_pool_bytes = 0
 
     started_ray = _init_ray(address, prefill_replicas * prefill_resources.num_cpus
                             + decode_replicas * decode_resources.num_cpus, object_store_memory)
     cluster = Cluster(config, resolved, tokenizer, max_model_len, transport, started_ray)
     try:
+        cluster._start_coordinator()
+        if cache_pool_bytes:
+            cluster._start_pools(cache_pool_bytes, cache_spill_dir, cache_spill_bytes)
         cluster._start_workers(prefill_replicas, decode_replicas, prefill_resources, decode_resources)
     except BaseException:
         cluster.shutdown()
@@ -121,6 +137,10 @@ class Cluster:
         self._coordinator = None
         self._workers: dict[str, Any] = {}  # worker id -> actor handle
         self._kinds: dict[str, str] = {}
+        self._pools: dict[str, Any] = {}  # pool id -> actor handle
+        layout = kv_layout_of(AutoConfig.from_pretrained(str(resolved.path)), config.dtype)
+        self._namespace = CacheNamespace.for_model(resolved.name, resolved.weights_digest, layout,
+                                                   config.prefill_block_tokens)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="disagg-driver", daemon=True)
         self._thread.start()
@@ -128,16 +148,42 @@ class Cluster:
 
     # ----- start-up -------------------------------------------------------
 
+    def _start_coordinator(self) -> None:
+        from actors.coordinator import CacheCoordinator
+
+        # Restarted by Ray if it dies; it then rebuilds its state from the named actors.
+        self._coordinator = ray.remote(CacheCoordinator).options(
+            name=f"{self._name}-coordinator", num_cpus=0, max_concurrency=1000, max_restarts=-1,
+            max_task_retries=3,
+        ).remote(self._name, self.config.prefill_block_tokens, self.config.timeouts.route_s)
+
+    def _start_pools(self, capacity_bytes: int, spill_dir: str | None, spill_bytes: int) -> None:
+        """Start one chunk pool on every alive node and register it with the coordinator."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from actors.cache_pool import CachePool
+
+        nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+        for node_id in nodes:
+            pool_id = f"{self._name}-pool-{node_id[:8]}"
+            handle = ray.remote(CachePool).options(
+                name=pool_id, num_cpus=0, max_concurrency=1000,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            ).remote(pool_id, self.config.to_dict(), capacity_bytes,
+                     None if spill_dir is None else f"{spill_dir}/{pool_id}", spill_bytes)
+            info = ray.get(handle.start.remote(self._coordinator), timeout=self.config.timeouts.actor_start_s)
+            ray.get(self._coordinator.register_pool.remote(pool_id, handle, info),
+                    timeout=self.config.timeouts.actor_start_s)
+            self._pools[pool_id] = handle
+            logger.info("%s: KV chunk pool of %.1f MiB on node %s (%d tokens per chunk)", pool_id,
+                        info["bytes_total"] / 2**20, node_id[:8], self.config.prefill_block_tokens)
+
     def _start_workers(self, num_prefill: int, num_decode: int, prefill_res: WorkerResources,
                        decode_res: WorkerResources) -> None:
-        from actors.coordinator import CacheCoordinator
         from actors.decode_worker import DecodeWorker
         from actors.prefill_worker import PrefillWorker
 
         timeouts = self.config.timeouts
-        self._coordinator = ray.remote(CacheCoordinator).options(
-            name=f"{self._name}-coordinator", num_cpus=0, max_concurrency=1000
-        ).remote(timeouts.route_s)
 
         specs = [("prefill", PrefillWorker, prefill_res)] * num_prefill + [("decode", DecodeWorker, decode_res)] * num_decode
         pending = []
@@ -149,11 +195,11 @@ class Cluster:
             ).remote(worker_id, self.config.to_dict(), self.transport, res.threads)
             self._workers[worker_id] = handle
             self._kinds[worker_id] = kind
-            pending.append((worker_id, kind, handle, handle.start.remote()))
+            pending.append((worker_id, kind, handle, handle.start.remote(self._coordinator)))
 
         for worker_id, kind, handle, ref in pending:
             info = ray.get(ref, timeout=timeouts.actor_start_s)
-            ray.get(self._coordinator.register.remote(worker_id, kind, handle, info["handshake"]),
+            ray.get(self._coordinator.register.remote(worker_id, kind, handle, info["handshake"], info["node_id"]),
                     timeout=timeouts.actor_start_s)
             _log_worker_facts(worker_id, info)
         logger.info(
@@ -163,41 +209,46 @@ class Cluster:
 
     # ----- public API -----------------------------------------------------
 
-    def generate(self, prompts, params: SamplingParams | None = None) -> list[RequestOutput]:
+    def generate(self, prompts, params: SamplingParams | None = None, cache_salt: str | None = None
+                 ) -> list[RequestOutput]:
         """Run every prompt to completion and return their outputs in order.
 
         ``prompts`` is one prompt or a list of prompts; a prompt is a str, a
-        list of token ids, or a list of chat messages. Raises ``ValueError``
-        for any invalid prompt or parameter before any request starts.
+        list of token ids, or a list of chat messages. Requests share cached
+        KV chunks only with requests of the same ``cache_salt``. Raises
+        ``ValueError`` for any invalid prompt or parameter before any request
+        starts.
         """
-        return self._call(self.generate_async(prompts, params))
+        return self._call(self.generate_async(prompts, params, cache_salt=cache_salt))
 
     async def generate_async(self, prompts, params: SamplingParams | None = None,
-                             request_id: str | None = None) -> list[RequestOutput]:
+                             request_id: str | None = None, cache_salt: str | None = None) -> list[RequestOutput]:
         """Async form of ``generate``. ``request_id`` names a single prompt's request."""
         params = params or SamplingParams()
         batch = self._encode_batch(prompts, params)
         if request_id is not None and len(batch) != 1:
             raise ValueError("request_id= names one request: pass one prompt with it, or no request_id.")
         ids = [request_id or self._new_request_id() for _ in batch]
-        coros = [self._run(token_ids, params, rid, None) for token_ids, rid in zip(batch, ids)]
+        _check_salt(cache_salt)
+        coros = [self._run(token_ids, params, rid, None, cache_salt) for token_ids, rid in zip(batch, ids)]
         future = asyncio.run_coroutine_threadsafe(_gather(coros), self._loop)
         return await asyncio.wrap_future(future)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None,
-               request_id: str | None = None) -> Iterator[str]:
+               request_id: str | None = None, cache_salt: str | None = None) -> Iterator[str]:
         """Yield text deltas of one prompt as they are generated (whole UTF-8 characters only).
 
         Closing the iterator early aborts the request and frees its KV.
         """
         params = params or SamplingParams()
         token_ids = self._encode_one(prompt, params)
+        _check_salt(cache_salt)
         request_id = request_id or self._new_request_id()
         deltas: asyncio.Queue = asyncio.Queue()
 
         async def run() -> None:
             try:
-                await self._run(token_ids, params, request_id, deltas.put_nowait)
+                await self._run(token_ids, params, request_id, deltas.put_nowait, cache_salt)
             finally:
                 deltas.put_nowait(_STREAM_END)
 
@@ -222,7 +273,7 @@ class Cluster:
         if self._closed:
             return
         self._closed = True
-        handles = list(self._workers.values())
+        handles = list(self._workers.values()) + list(self._pools.values())
         try:
             ray.get([h.shutdown.remote() for h in handles], timeout=30)
         except Exception as exc:  # noqa: BLE001 - shutting down anyway
@@ -243,11 +294,14 @@ class Cluster:
     # ----- one request ----------------------------------------------------
 
     async def _run(self, token_ids: list[int], params: SamplingParams, request_id: str,
-                   on_text) -> RequestOutput:
+                   on_text, cache_salt: str | None = None) -> RequestOutput:
         submitted = time.perf_counter()
         timeouts = self.config.timeouts
-        request = {"request_id": request_id, "prompt_token_ids": token_ids, "params": params.to_dict()}
-        route = await asyncio.wait_for(self._coordinator.route.remote(request_id, len(token_ids)), timeouts.route_s)
+        keys = self._chunk_keys(token_ids, cache_salt)
+        request = {"request_id": request_id, "prompt_token_ids": token_ids, "params": params.to_dict(),
+                   "chunk_keys": keys, "cache_salt": cache_salt}
+        route = await asyncio.wait_for(self._coordinator.route.remote(request_id, len(token_ids), keys),
+                                       timeouts.route_s)
         metrics = RequestMetrics(transport=self.transport, prefill_worker=route["prefill_id"],
                                  decode_worker=route["decode_id"])
         detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop, _hidden_ids(params, self))
@@ -337,6 +391,12 @@ class Cluster:
         eos = self.tokenizer.eos_token_id
         return () if eos is None else (eos,)
 
+    def _chunk_keys(self, token_ids: list[int], salt: str | None) -> list[bytes]:
+        if not self._pools:
+            return []
+        namespace = self._namespace if salt is None else dataclasses.replace(self._namespace, salt=salt)
+        return chunk_keys(token_ids, namespace)
+
     def _new_request_id(self) -> str:
         return f"req-{uuid.uuid4().hex[:12]}"
 
@@ -359,6 +419,7 @@ class Cluster:
     async def _stats(self) -> dict[str, Any]:
         ids = list(self._workers)
         results = await asyncio.gather(*(self._workers[i].stats.remote() for i in ids))
+        pools = await asyncio.gather(*(handle.stats.remote() for handle in self._pools.values()))
         per_kind: dict[str, list[dict]] = {"prefill": [], "decode": []}
         for worker_id, result in zip(ids, results):
             per_kind[self._kinds[worker_id]].append(result)
@@ -387,7 +448,32 @@ class Cluster:
                 "bytes": sum(w["transfer_bytes"] for w in decode),
             },
             "coordinator": await self._coordinator.stats.remote(),
+            "cache": _cache_stats(pools, self.config.prefill_block_tokens),
         }
+
+
+def _cache_stats(pools: list[dict], chunk_tokens: int) -> dict[str, Any]:
+    def total(name: str) -> int:
+        return sum(p.get(name, 0) for p in pools)
+
+    return {
+        "chunk_tokens": chunk_tokens,
+        "pools": len(pools),
+        "pool_bytes_used": total("bytes_used"),
+        "pool_bytes_total": total("bytes_total"),
+        "chunks": total("chunks"),
+        "pinned": total("pinned"),
+        "reserved": total("reserved"),
+        "hits": total("hits"),
+        "misses": total("misses"),
+        "evictions": total("evictions"),
+        "spilled_chunks": total("spilled_chunks"),
+    }
+
+
+def _check_salt(salt) -> None:
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise ValueError(f"cache_salt={salt!r} is invalid: pass a non-empty str, or None to share the cache.")
 
 
 def _log_worker_facts(worker_id: str, info: dict) -> None:

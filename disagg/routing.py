@@ -38,12 +38,18 @@ class Router:
     def of_kind(self, kind: WorkerKind) -> list[WorkerEntry]:
         return [w for w in self.workers.values() if w.kind == kind]
 
-    def route(self, request_id: str, num_tokens: int) -> tuple[WorkerEntry, WorkerEntry]:
-        """Assign the request to a prefill and a decode worker; raise ``RuntimeError`` if a kind has none."""
+    def route(self, request_id: str, num_tokens: int, prefill_saving=None) -> tuple[WorkerEntry, WorkerEntry]:
+        """Assign the request to a prefill and a decode worker; raise ``RuntimeError`` if a kind has none.
+
+        ``prefill_saving(worker)`` returns the prompt tokens that worker would
+        not compute (cached near it); the prefill worker with the least queued
+        plus new compute wins.
+        """
         if request_id in self.assignments:
             raise ValueError(f"request_id={request_id!r} is already in flight: use a unique request_id.")
         self._turn += 1
-        prefill = self._pick("prefill", lambda w: (w.num_tokens, w.num_requests))
+        saving = prefill_saving or (lambda worker: 0)
+        prefill = self._pick("prefill", lambda w: (w.num_tokens + num_tokens - saving(w), w.num_requests))
         decode = self._pick("decode", lambda w: (w.num_requests, w.num_tokens))
         for worker in (prefill, decode):
             worker.num_requests += 1

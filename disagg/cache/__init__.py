@@ -1,6 +1,6 @@
 """Shared CPU KV cache: prompt chunks keyed by prefix hash in a per-node pool.
 
-``keys`` names chunks, ``pool.ChunkPool`` stores them; the remaining modules
+``keys`` names chunks, ``pool.ChunkPool`` stores them. The remaining modules
 are the pool's parts (slot memory, index and eviction order, spill tier,
 snapshot file, metadata schema).
 """

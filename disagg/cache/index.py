@@ -2,7 +2,7 @@
 
 Eviction order is leaves first, then least recently used::
 
-    A0 -> A1 -> A2        A2 is a leaf (no child in memory); A0 and A1 are not.
+    A0 -> A1 -> A2        A2 is a leaf (no child in memory). A0 and A1 are not.
     B0                    B0 is a leaf.
 
 Only leaves with no pin are candidates, least recently used first, so a
@@ -65,7 +65,7 @@ class ChunkIndex:
         self.push_if_evictable(entry)
 
     def vacate(self, entry: ChunkEntry) -> None:
-        """Free the slot of an in-memory ``entry`` and unlink it from its parent; the entry stays listed."""
+        """Free the slot of an in-memory ``entry`` and unlink it from its parent. The entry stays in the index."""
         self._slot_keys[entry.slot] = None
         heapq.heappush(self._free_slots, entry.slot)
         entry.slot = None
@@ -105,24 +105,24 @@ class ChunkIndex:
         return run
 
     def is_evictable(self, entry: ChunkEntry) -> bool:
-        """Whether ``entry`` is a listed, unpinned leaf."""
+        """Return whether ``entry`` is a listed, unpinned leaf."""
         return (
             entry.state is ChunkState.LISTED and entry.refcount == 0 and entry.key not in self._num_children
         )
 
     def push_if_evictable(self, entry: ChunkEntry) -> None:
-        if self.is_evictable(entry):
-            self._evictable.push(entry.last_use, entry.key)
+        if not self.is_evictable(entry):
+            return
+        self._evictable.push(entry.last_use, entry.key)
+        # Every touch queues a new item, so drop the stale ones now and then.
+        if len(self._evictable) > 4 * self.num_slots + 64:
+            self.rebuild_eviction_order()
 
     def pop_victim(self) -> ChunkEntry | None:
         """Return the chunk to evict next, or None when every listed chunk is pinned.
 
         The caller must evict the returned entry: it is no longer queued.
         """
-        if len(self._evictable) > 4 * self.num_slots + 64:
-            self._evictable.rebuild(
-                (entry.last_use, entry.key) for entry in self.entries.values() if self.is_evictable(entry)
-            )
         key = self._evictable.pop(self._is_current)
         if key is not None:
             return self.entries[key]
@@ -139,7 +139,7 @@ class ChunkIndex:
         return entry is not None and entry.last_use == last_use and self.is_evictable(entry)
 
     def rebuild_eviction_order(self) -> None:
-        """Requeue every evictable entry; call after bulk changes such as a restore."""
+        """Requeue every evictable entry. Call it after bulk changes such as a restore."""
         self._evictable.rebuild(
             (entry.last_use, entry.key) for entry in self.entries.values() if self.is_evictable(entry)
         )
@@ -186,4 +186,4 @@ class ChunkIndex:
             raise RuntimeError(f"ChunkPool {pool_name!r}: a free slot still maps to a key")
         for entry in self.entries.values():
             if not entry.in_memory and (entry.slot is not None or entry.refcount):
-                raise RuntimeError(f"ChunkPool {pool_name!r}: spilled chunk {key_hex(entry.key)} holds a slot or pin")
+                raise RuntimeError(f"ChunkPool {pool_name!r}: spilled chunk {key_hex(entry.key)} still has a slot or a pin")

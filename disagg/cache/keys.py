@@ -27,7 +27,7 @@ from disagg.kv.layout import KVLayout, torch_dtype
 # Changing the chunk layout must change this string, so that old keys miss.
 CHUNK_LAYOUT_VERSION = "cache-chunk/layer-kv-head-token-dim/v1"
 
-# Version of the namespace encoding below; part of every digest.
+# Version of the namespace encoding below, part of every digest.
 _NAMESPACE_FORMAT = "disagg-cache-namespace/v1"
 
 KEY_BYTES = 32
@@ -66,7 +66,7 @@ class CacheNamespace:
         chunk_tokens: int,
         salt: str | None = None,
     ) -> CacheNamespace:
-        """Build the namespace of a model's KV chunks; raises ValueError for invalid fields."""
+        """Build the namespace of a model's KV chunks. Raises ValueError for invalid fields."""
         return cls(
             model_name=model_name,
             weights_digest=weights_digest,
@@ -140,9 +140,9 @@ def key_hex(key: bytes) -> str:
     return key.hex()
 
 
-def check_key(key: object, what: str = "key") -> bytes:
-    """Return ``key`` if it is a 32-byte ``bytes``; raise ValueError otherwise."""
+def check_key(key: object, name: str = "key") -> bytes:
+    """Return ``key`` if it is a 32-byte ``bytes``, and raise ValueError otherwise."""
     if not isinstance(key, bytes) or len(key) != KEY_BYTES:
-        shown = f"{len(key)} bytes" if isinstance(key, (bytes, bytearray)) else type(key).__name__
-        raise ValueError(f"{what} must be a {KEY_BYTES}-byte prefix hash from chunk_keys(), got {shown}.")
+        received = f"{len(key)} bytes" if isinstance(key, (bytes, bytearray)) else type(key).__name__
+        raise ValueError(f"{name} must be a {KEY_BYTES}-byte prefix hash from chunk_keys(), got {received}.")
     return key

@@ -14,12 +14,12 @@ METADATA_SCHEMA = pa.schema(
     [
         pa.field("key", pa.binary(KEY_BYTES), nullable=False),
         pa.field("namespace", pa.binary(), nullable=False),  # CacheNamespace.digest()
-        pa.field("parent", pa.binary(KEY_BYTES)),  # key of the previous chunk; null for a first chunk
+        pa.field("parent", pa.binary(KEY_BYTES)),  # key of the previous chunk, null for a first chunk
         pa.field("num_tokens", pa.int32(), nullable=False),
         pa.field("dtype", pa.string(), nullable=False),
         pa.field("shape", pa.list_(pa.int32()), nullable=False),
         pa.field("slot", pa.int32()),  # null while SPILLED
-        pa.field("checksum", pa.uint64()),  # blake2b-64 of the slot bytes; null until committed
+        pa.field("checksum", pa.uint64()),  # blake2b-64 of the slot bytes, null until committed
         pa.field("last_use", pa.int64(), nullable=False),  # the pool's logical clock
         pa.field("state", pa.string(), nullable=False),  # ChunkState value
         pa.field("refcount", pa.int32(), nullable=False),  # live pins on the chunk

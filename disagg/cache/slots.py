@@ -45,7 +45,7 @@ class SlotBuffer:
         self.num_slots = capacity_bytes // self.chunk_bytes
         if self.num_slots < 1:
             raise ValueError(
-                f"capacity_bytes={capacity_bytes} holds no chunk of {self.chunk_bytes} bytes "
+                f"capacity_bytes={capacity_bytes} is smaller than one chunk of {self.chunk_bytes} bytes "
                 f"({chunk_tokens} tokens): raise capacity_bytes or lower chunk_tokens."
             )
 
@@ -77,7 +77,7 @@ class SlotBuffer:
         return self.arrow_buffer.slice(slot * self.chunk_bytes, self.chunk_bytes)
 
     def load(self, slot: int, data: pa.Buffer) -> None:
-        """Copy ``chunk_bytes`` raw bytes into ``slot``; raise ValueError on another size."""
+        """Copy ``chunk_bytes`` raw bytes into ``slot``. Raises ValueError for any other size."""
         if data.size != self.chunk_bytes:
             raise ValueError(f"chunk data of {data.size} bytes does not fill a {self.chunk_bytes}-byte slot.")
         self._slot_bytes[slot] = np.frombuffer(data, dtype=np.uint8)

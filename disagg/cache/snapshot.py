@@ -55,7 +55,7 @@ def open_snapshot(path: str | os.PathLike) -> Iterator[tuple[dict, Iterator[dict
         header = msgpack.unpackb(metadata[_HEADER_KEY], raw=False)
         if header.get("format") != SNAPSHOT_FORMAT:
             raise ValueError(
-                f"{path} has snapshot format {header.get('format')!r}; this version reads {SNAPSHOT_FORMAT!r}."
+                f"{path} has snapshot format {header.get('format')!r}, but this version reads only {SNAPSHOT_FORMAT!r}."
             )
         yield header, _rows(reader)
 

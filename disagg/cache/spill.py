@@ -23,6 +23,7 @@ from disagg.cache.keys import KEY_BYTES, key_hex
 logger = logging.getLogger(__name__)
 
 _SUFFIX = ".chunk.arrow"
+_TEMPORARY_SUFFIX = ".chunk.tmp"
 _SCHEMA = pa.schema(
     [
         pa.field("key", pa.binary(KEY_BYTES), nullable=False),
@@ -102,7 +103,7 @@ class DiskSpillTier(SpillTier):
     """One Arrow IPC file per chunk under ``spill_dir``, least recently used dropped first.
 
     NOTE: the directory belongs to one pool, because start-up removes every
-    ``*.chunk.arrow`` file left in it.
+    ``*.chunk.arrow`` and ``*.chunk.tmp`` file left in it.
     """
 
     def __init__(self, spill_dir: str | os.PathLike, capacity_bytes: int) -> None:
@@ -112,7 +113,7 @@ class DiskSpillTier(SpillTier):
         self._file_bytes: OrderedDict[bytes, int] = OrderedDict()  # least recently used first
         self._num_bytes = 0
 
-        stale = list(self.spill_dir.glob(f"*{_SUFFIX}"))
+        stale = [*self.spill_dir.glob(f"*{_SUFFIX}"), *self.spill_dir.glob(f"*{_TEMPORARY_SUFFIX}")]
         for path in stale:
             path.unlink()
         logger.info(
@@ -131,8 +132,9 @@ class DiskSpillTier(SpillTier):
         return self._num_bytes
 
     def put(self, key: bytes, data: pa.Buffer, checksum: int) -> list[bytes]:
+        self._remove(key)
         path = self._path(key)
-        temporary = path.with_suffix(".tmp")
+        temporary = self.spill_dir / f"{key_hex(key)}{_TEMPORARY_SUFFIX}"
         batch = pa.record_batch(
             [
                 pa.array([key], pa.binary(KEY_BYTES)),
@@ -150,7 +152,6 @@ class DiskSpillTier(SpillTier):
             temporary.unlink(missing_ok=True)
             return [key]
 
-        self._remove(key)
         self._file_bytes[key] = path.stat().st_size
         self._num_bytes += self._file_bytes[key]
 
@@ -168,7 +169,7 @@ class DiskSpillTier(SpillTier):
             with pa.memory_map(str(self._path(key))) as source:
                 batch = pa.ipc.open_file(source).get_batch(0)
                 if batch.column("key")[0].as_py() != key:
-                    raise ValueError("file holds another key")
+                    raise ValueError("file contains another key")
                 load(batch.column("data")[0].as_buffer())
         except (OSError, ValueError, pa.ArrowException) as error:
             logger.warning("spilled chunk %s is unreadable and was dropped: %s", key_hex(key), error)
@@ -213,7 +214,7 @@ class DiskSpillTier(SpillTier):
 
 
 def make_spill_tier(spill_dir: str | os.PathLike | None, capacity_bytes: int) -> SpillTier:
-    """Return the spill tier for these settings; raise ValueError when they contradict each other."""
+    """Return the spill tier for these settings. Raises ValueError when they contradict each other."""
     if spill_dir is None:
         if capacity_bytes:
             raise ValueError(

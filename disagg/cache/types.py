@@ -17,12 +17,16 @@ from typing import Literal, NamedTuple
 
 
 class ChunkState(Enum):
-    """Where one chunk of the pool stands."""
+    """State of one chunk in the pool."""
 
-    RESERVED = "reserved"  # a writer holds the slot; bytes not complete
-    WRITING = "writing"  # commit in progress; exempt from expiry until it ends
-    LISTED = "listed"  # bytes complete and checksummed; visible to lookups
-    SPILLED = "spilled"  # bytes only in the spill tier; promote() brings them back
+    RESERVED = "reserved"  # a writer owns the slot, and the bytes are incomplete
+    WRITING = "writing"  # commit in progress, exempt from expiry until it ends
+    LISTED = "listed"  # bytes complete and checksummed, visible to lookups
+    SPILLED = "spilled"  # bytes only in the spill tier, until promote() loads them
+
+
+# States a lookup matches: the chunks this node can serve.
+MATCHABLE_STATES = frozenset({ChunkState.LISTED, ChunkState.SPILLED})
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ class Pin:
     """A reader's hold on the chunks of ``keys``, which are not evicted until unpin or ``deadline_s``.
 
     ``keys`` is the leading run of the requested keys that was in memory, and
-    ``slots`` holds their slots in the same order.
+    ``slots`` contains their slots in the same order.
     """
 
     pin_id: int
@@ -57,7 +61,7 @@ class Pin:
 
     @property
     def num_chunks(self) -> int:
-        """Number of chunks this pin holds."""
+        """Number of chunks this pin keeps in memory."""
         return len(self.keys)
 
 

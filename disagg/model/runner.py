@@ -49,13 +49,8 @@ class ModelRunner:
         )
         self.model.eval()
         config = self.model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.layout = KVLayout(
-            num_layers=config.num_hidden_layers,
-            num_kv_heads=config.num_key_value_heads,
-            head_dim=head_dim,
-            dtype=dtype,
-        )
+        self.layout = kv_layout_of(config, dtype)
+        head_dim = self.layout.head_dim
         self.max_position_embeddings = config.max_position_embeddings
         self.eos_token_ids = _eos_ids(self.model)
         logger.info(
@@ -130,6 +125,17 @@ class ModelRunner:
             use_cache=True,
         )
         return out.logits[:, -1].float()
+
+
+def kv_layout_of(config, dtype: str) -> KVLayout:
+    """Return the KV layout of a transformers model config."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return KVLayout(
+        num_layers=config.num_hidden_layers,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=head_dim,
+        dtype=dtype,
+    )
 
 
 def _eos_ids(model) -> tuple[int, ...]:

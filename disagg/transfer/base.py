@@ -40,8 +40,11 @@ class KVSender(ABC):
         """Whether ``export`` of ``num_tokens`` tokens would find room now."""
 
     @abstractmethod
-    def export(self, request_id: str, result: PrefillResult, ttl_s: float) -> KVHandle:
-        """Keep the request's KV under a lease of ``ttl_s`` seconds and return a handle to it."""
+    def export(self, request_id: str, result: PrefillResult, ttl_s: float, start: int = 0) -> KVHandle:
+        """Keep the request's KV under a lease of ``ttl_s`` seconds and return a handle to it.
+
+        Positions before ``start`` are already in place (loaded from the cache).
+        """
 
     @abstractmethod
     def release(self, request_id: str) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import torch
 
 from disagg.kv.arena import DecodeKVArena
 from disagg.kv.layout import KVLayout, arena_regions, outbox_regions
@@ -38,6 +39,7 @@ class NixlSender(KVSender):
         self.endpoint = NixlEndpoint(f"{worker_id}-nixl", compat, worker=worker_id)
         self.endpoint.register(self.outbox.tensor)
         self._leases = LeaseTable()
+        self._readers: dict[str, int] = {}  # request id -> readers that have not released yet
 
     def handshake(self) -> bytes:
         return self.endpoint.handshake()
@@ -48,11 +50,28 @@ class NixlSender(KVSender):
     def can_export(self, num_tokens: int) -> bool:
         return self.outbox.can_allocate(num_tokens)
 
-    def export(self, request_id: str, result: PrefillResult, ttl_s: float) -> KVHandle:
-        block_ids = self.outbox.allocate(request_id, result.num_tokens)
-        lease = self._leases.add(request_id, block_ids, ttl_s)
-        self.outbox.write(block_ids, result.layer_kv)
+    def reserve(self, request_id: str, num_tokens: int, ttl_s: float) -> list[int]:
+        """Allocate outbox blocks for a prompt before it is computed, under a RESERVED lease.
+
+        Lets cached prefix chunks be read straight into the request's first
+        blocks. Raises ``OutboxFullError`` when too few blocks are free.
+        """
+        block_ids = self.outbox.allocate(request_id, num_tokens)
+        self._leases.add(request_id, block_ids, ttl_s)
+        return block_ids
+
+    def export(self, request_id: str, result: PrefillResult, ttl_s: float, start: int = 0) -> KVHandle:
+        """Write positions ``[start, n)`` of the KV into the request's blocks and hand it to one reader.
+
+        Uses the blocks of an earlier ``reserve`` when there is one.
+        """
+        lease = self._leases.get(request_id)
+        if lease is None:
+            lease = self._leases.add(request_id, self.outbox.allocate(request_id, result.num_tokens), ttl_s)
+        block_ids = lease.payload
+        self.outbox.write(block_ids, result.layer_kv, start=start)
         lease.mark_written()
+        self._readers[request_id] = 1
         regions = outbox_regions(self.outbox.tensor, block_ids, result.num_tokens)
         descriptor = {
             "agent": self.endpoint.name,
@@ -62,12 +81,52 @@ class NixlSender(KVSender):
         }
         return {"kind": self.name, "descriptor": msgpack.packb(descriptor, use_bin_type=True)}
 
+    def add_reader(self, request_id: str) -> bool:
+        """Count one more reader (e.g. a cache pool storing chunks); False if the KV is gone."""
+        if request_id not in self._readers:
+            return False
+        self._readers[request_id] += 1
+        return True
+
     def release(self, request_id: str) -> bool:
+        """Mark one reader done; the blocks are freed when the last one is. Return whether they were."""
+        remaining = self._readers.get(request_id, 1) - 1
+        if remaining > 0:
+            self._readers[request_id] = remaining
+            return False
+        self._readers.pop(request_id, None)
         block_ids = self._leases.release(request_id)
         if block_ids is None:
             return False
         self.outbox.free(block_ids)
         return True
+
+    def abandon(self, request_id: str) -> None:
+        """Free a request's blocks at once, whatever readers remain (its prefill failed)."""
+        self._readers.pop(request_id, None)
+        block_ids = self._leases.release(request_id)
+        if block_ids is not None:
+            self.outbox.free(block_ids)
+
+    def block_ids(self, request_id: str) -> list[int]:
+        """Return the outbox blocks of a request; raise ``KeyError`` when its lease is gone."""
+        lease = self._leases.get(request_id)
+        if lease is None:
+            raise KeyError(f"no KV lease for request {request_id}")
+        return lease.payload
+
+    def block_regions(self, block_ids: list[int]) -> np.ndarray:
+        """Return one ``(address, num_bytes)`` row per whole block; a block is one cache chunk."""
+        block_bytes = self.outbox.tensor[0].numel() * self.outbox.tensor.element_size()
+        base = self.outbox.tensor.data_ptr()
+        return np.asarray([(base + block * block_bytes, block_bytes) for block in block_ids], dtype=np.int64)
+
+    def prefix_kv(self, block_ids: list[int], num_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Return each layer's ``(k, v)`` of the first ``num_tokens`` positions, copied out of the blocks."""
+        blocks = self.outbox.tensor[block_ids]  # [blocks, layers, 2, heads, block_tokens, dim]
+        layers, heads, dim = blocks.shape[1], blocks.shape[3], blocks.shape[5]
+        joined = blocks.permute(1, 2, 3, 0, 4, 5).reshape(layers, 2, heads, -1, dim)[:, :, :, :num_tokens]
+        return [(joined[layer, 0].contiguous(), joined[layer, 1].contiguous()) for layer in range(layers)]
 
     def poll(self) -> list[str]:
         freed = []
@@ -80,6 +139,7 @@ class NixlSender(KVSender):
             if self.release(notice.request_id):
                 freed.append(notice.request_id)
         for lease in self._leases.expire_due():
+            self._readers.pop(lease.request_id, None)
             self.outbox.free(lease.payload)
             freed.append(lease.request_id)
         return freed

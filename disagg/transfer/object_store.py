@@ -43,7 +43,7 @@ class ObjectStoreSender(KVSender):
     def can_export(self, num_tokens: int) -> bool:
         return True
 
-    def export(self, request_id: str, result: PrefillResult, ttl_s: float) -> KVHandle:
+    def export(self, request_id: str, result: PrefillResult, ttl_s: float, start: int = 0) -> KVHandle:
         kv = stack_kv(result).contiguous()
         dtype = str(kv.dtype).removeprefix("torch.")
         # numpy has no bfloat16: ship its bits as int16 and reinterpret on arrival.

@@ -46,7 +46,7 @@ def pattern(num_bytes: int) -> torch.Tensor:
 
 
 def _remote_main(conn: Any, name: str) -> None:
-    """Serve one registered pattern tensor until told to stop (runs in the child)."""
+    """Serve one registered pattern tensor until the parent sends "stop" (runs in the child)."""
     endpoint = NixlEndpoint(name, COMPAT, worker="test remote process")
     tensor = pattern(REMOTE_BYTES)
     endpoint.register(tensor)
