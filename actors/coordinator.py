@@ -107,9 +107,13 @@ class CacheCoordinator:
     async def lookup(self, chunk_keys: list[bytes], node_id: str = "") -> dict[str, Any]:
         """Return the pool with the longest cached run of ``chunk_keys`` (same node preferred).
 
-        Also returns ``node_id``'s own pool, where a prefill worker stores new chunks.
+        Also returns ``node_id``'s own pool, where a prefill worker stores new
+        chunks. While a restarted coordinator is still rebuilding, every
+        lookup misses.
         """
-        await self._ensure_rebuilt()
+        if not self._rebuilt:
+            self._start_rebuild()
+            return {"pool_id": None, "num_chunks": 0, "pool": None, "local_pool_id": None, "local_pool": None}
         location = self.directory.lookup(chunk_keys, prefer_node=node_id)
         near = self._pools_near(node_id)
         local = near[0] if near and self.pools[near[0][0]]["node_id"] == node_id else (None, None)
@@ -154,16 +158,18 @@ class CacheCoordinator:
         return [(pool_id, pool["handle"]) for pool_id, pool in ordered]
 
     async def _ensure_rebuilt(self) -> None:
-        if self._rebuilt:
-            return
-        if self._rebuild_task is None:
+        if not self._rebuilt:
+            await asyncio.shield(self._start_rebuild())
+
+    def _start_rebuild(self) -> asyncio.Task:
+        if self._rebuild_task is None or (self._rebuild_task.done() and not self._rebuilt):
             self._rebuild_task = asyncio.get_running_loop().create_task(self._rebuild())
-        await asyncio.shield(self._rebuild_task)
+        return self._rebuild_task
 
     async def _rebuild(self) -> None:
         """Re-register this cluster's named workers and pools after a restart, without re-wiring NIXL."""
-        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=False)
-                 if a["name"].startswith(self.cluster_name + "-") and not a["name"].endswith("-coordinator")]
+        names = [name for name in ray.util.list_named_actors(all_namespaces=False)
+                 if name.startswith(self.cluster_name + "-") and not name.endswith("-coordinator")]
         logger.warning("coordinator restarted: rebuilding from %d named actors", len(names))
         for name in sorted(names):
             try:

@@ -158,10 +158,9 @@ class PrefillWorker:
         chunk_tokens = self.config.prefill_block_tokens
         usable = (len(request["prompt_token_ids"]) - 1) // chunk_tokens
         keys = request["chunk_keys"][:usable]
-        if not keys:
-            return 0
         timeouts = self.config.timeouts
         try:
+            # Asked even with no usable key: the answer also names this node's pool for storing.
             found = await asyncio.wait_for(self._coordinator.lookup.remote(keys, self.node_id), timeouts.route_s)
         except Exception as exc:  # noqa: BLE001 - a lookup that fails is a miss
             logger.warning("prefill %s: cache lookup failed (%r); computing the whole prompt", request_id, exc)
