@@ -77,6 +77,9 @@ def test_demo_end_to_end(tmp_path, capsys):
     summary = json.loads(summary_path.read_text())
     rows = summary["requests"]
     assert summary["num_requests"] == 3
+    assert summary["second_pass"]["num_requests"] == 3
+    assert all(row["cached_tokens"] == 0 for row in rows)
+    assert sum(row["cached_tokens"] for row in summary["second_pass"]["requests"]) > 0
     assert len(rows) == 3
     assert summary["wall_s"] > 0
     assert summary["output_tokens"] == sum(row["output_tokens"] for row in rows)
