@@ -163,13 +163,15 @@ class Cluster:
 
         from actors.cache_pool import CachePool
 
-        nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
-        for node_id in nodes:
+        nodes = sorted((n["NodeID"], n.get("Resources", {})) for n in ray.nodes() if n["Alive"])
+        for node_id, resources in nodes:
             pool_id = f"{self._name}-pool-{node_id[:8]}"
+            # A node type may size its own pool with the custom resource kv_pool_gib (see cluster.yaml).
+            node_bytes = int(resources.get("kv_pool_gib", 0) * 2**30) or capacity_bytes
             handle = ray.remote(CachePool).options(
                 name=pool_id, num_cpus=0, max_concurrency=1000,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-            ).remote(pool_id, self.config.to_dict(), capacity_bytes,
+            ).remote(pool_id, self.config.to_dict(), node_bytes,
                      None if spill_dir is None else f"{spill_dir}/{pool_id}", spill_bytes)
             info = ray.get(handle.start.remote(self._coordinator), timeout=self.config.timeouts.actor_start_s)
             ray.get(self._coordinator.register_pool.remote(pool_id, handle, info),
