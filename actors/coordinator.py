@@ -123,6 +123,14 @@ class CacheCoordinator:
             result["pool"] = self.pools[location.pool_id]["handle"]
         return result
 
+    async def remove_worker(self, worker_id: str) -> bool:
+        """Stop routing to a worker (it died or is leaving); return whether it was registered."""
+        entry = self.router.remove(worker_id)
+        self.nodes.pop(worker_id, None)
+        if entry is not None:
+            logger.warning("removed %s worker %s from routing", entry.kind, worker_id)
+        return entry is not None
+
     async def prefill_done(self, request_id: str) -> None:
         self.router.prefill_done(request_id)
 

@@ -46,6 +46,8 @@ class PrefillWorker:
         self._cached_tokens = 0
         self._poll_task: asyncio.Task | None = None
         self._store_tasks: set[asyncio.Task] = set()
+        self._in_progress: set[str] = set()
+        self._cancelled: set[str] = set()
         logger.info("prefill worker %s ready, transport %s", worker_id, transport)
 
     async def start(self, coordinator=None) -> dict[str, Any]:
@@ -78,21 +80,27 @@ class PrefillWorker:
         queued_at = time.perf_counter()
 
         self._num_waiting += 1
+        self._in_progress.add(request_id)
         try:
             async with self._compute_lock:
                 await self._wait_for_outbox(request_id, len(token_ids))
                 queue_s = time.perf_counter() - queued_at
                 result, num_cached = await self._compute(request)
-        except Exception:
+        except BaseException:  # cancellation too: reserved blocks must not leak
             self._num_failed += 1
             self._abandon(request_id)
             raise
         finally:
             self._num_waiting -= 1
+            self._in_progress.discard(request_id)
 
         first_token = make_sampler(params, request_id).sample(result.logits, output_index=0)
         done = params.max_tokens == 1 or is_stop_token(first_token, params, self.runner.eos_token_ids)
         handle = None
+        if request_id in self._cancelled:
+            self._cancelled.discard(request_id)
+            self._abandon(request_id)
+            raise asyncio.CancelledError(f"request {request_id} was released before its prefill finished")
         if not done or self._cache_enabled(request):
             handle = self.sender.export(request_id, result, self.config.timeouts.lease_s, start=num_cached)
             self._store_new_chunks(request, num_cached, len(token_ids))
@@ -108,8 +116,16 @@ class PrefillWorker:
                 "cached_tokens": num_cached}
 
     async def release(self, request_id: str) -> bool:
-        """Mark the decode reader of a request's KV done (idempotent); return whether the KV was freed."""
-        return self.sender.release(request_id)
+        """Mark the decode reader of a request's KV done (idempotent); return whether the KV was freed.
+
+        A release that arrives while the request is still being prefilled
+        cancels it: its KV is dropped instead of exported.
+        """
+        if self.sender.release(request_id):
+            return True
+        if request_id in self._in_progress:
+            self._cancelled.add(request_id)
+        return False
 
     async def stats(self) -> dict[str, Any]:
         return {
@@ -214,7 +230,7 @@ class PrefillWorker:
             logger.warning("prefill %s: storing chunks %d..%d failed: %r", request_id, first, end - 1, exc)
         finally:
             if num_read == 0:  # no READ happened, so no notification will release our hold
-                self.sender.release(request_id)
+                self.sender.release(request_id, reader="pool")
 
     def _abandon(self, request_id: str) -> None:
         if isinstance(self.sender, NixlSender):

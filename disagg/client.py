@@ -25,7 +25,7 @@ from transformers import AutoConfig
 from disagg.cache.keys import CacheNamespace, chunk_keys
 from disagg.config import EngineConfig, Timeouts, WorkerResources
 from disagg.detokenizer import IncrementalDetokenizer
-from disagg.errors import RequestFailedError
+from disagg.errors import RequestFailedError, WorkerDiedError
 from disagg.model.runner import kv_layout_of, load_tokenizer
 from disagg.model.sources import resolve_model
 from disagg.outputs import FinishReason, RequestMetrics, RequestOutput
@@ -138,6 +138,8 @@ class Cluster:
         self._workers: dict[str, Any] = {}  # worker id -> actor handle
         self._kinds: dict[str, str] = {}
         self._pools: dict[str, Any] = {}  # pool id -> actor handle
+        self._tasks: dict[str, asyncio.Task] = {}  # request id -> its task on the private loop
+        self._aborting: set[str] = set()
         layout = kv_layout_of(AutoConfig.from_pretrained(str(resolved.path)), config.dtype)
         self._namespace = CacheNamespace.for_model(resolved.name, resolved.weights_digest, layout,
                                                    config.prefill_block_tokens)
@@ -266,6 +268,30 @@ class Cluster:
             if not future.done():
                 future.cancel()
 
+    def abort(self, request_id: str) -> bool:
+        """End a running request wherever it is; its KV is released on both sides. Return whether it was running.
+
+        The request's caller gets its output so far with ``finish_reason="abort"``.
+        """
+        async def cancel() -> bool:
+            task = self._tasks.get(request_id)
+            if task is None or task.done():
+                return False
+            self._aborting.add(request_id)
+            task.cancel()
+            return True
+
+        return self._call(cancel())
+
+    async def _forget_worker(self, worker_id: str) -> None:
+        """Stop routing to a dead worker and drop it from this cluster's worker list."""
+        self._workers.pop(worker_id, None)
+        self._kinds.pop(worker_id, None)
+        try:
+            await asyncio.wait_for(self._coordinator.remove_worker.remote(worker_id), self.config.timeouts.route_s)
+        except Exception as exc:  # noqa: BLE001 - routing may still pick it; the next failure retries this
+            logger.warning("could not remove dead worker %s from routing: %r", worker_id, exc)
+
     def stats(self) -> dict[str, Any]:
         """Return counters of every worker, summed per kind (see the README for the keys)."""
         return self._call(self._stats())
@@ -297,23 +323,37 @@ class Cluster:
 
     async def _run(self, token_ids: list[int], params: SamplingParams, request_id: str,
                    on_text, cache_salt: str | None = None) -> RequestOutput:
+        """Drive one request through route, prefill and decode; always leaves nothing held behind.
+
+        An ``abort(request_id)`` ends it with ``finish_reason="abort"`` and
+        the text so far; a cancelled caller gets ``CancelledError`` after the
+        same clean-up.
+        """
+        self._tasks[request_id] = asyncio.current_task()
         submitted = time.perf_counter()
-        timeouts = self.config.timeouts
         keys = self._chunk_keys(token_ids, cache_salt)
         request = {"request_id": request_id, "prompt_token_ids": token_ids, "params": params.to_dict(),
                    "chunk_keys": keys, "cache_salt": cache_salt}
-        route = await asyncio.wait_for(self._coordinator.route.remote(request_id, len(token_ids), keys),
-                                       timeouts.route_s)
-        metrics = RequestMetrics(transport=self.transport, prefill_worker=route["prefill_id"],
-                                 decode_worker=route["decode_id"])
         detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop, _hidden_ids(params, self))
         state = _RequestState(detokenizer, on_text)
-        handle = None
+        metrics = RequestMetrics(transport=self.transport)
         try:
-            prefilled = await self._remote(route["prefill"].prefill.remote(request), timeouts.prefill_s,
-                                           route["prefill_id"], request_id)
-            self._coordinator.prefill_done.remote(request_id)
-            handle = prefilled["handle"]
+            await self._run_stages(request, params, state, metrics, submitted)
+        except asyncio.CancelledError:
+            if request_id not in self._aborting:
+                raise
+            state.finish = FinishReason.ABORT
+        finally:
+            self._tasks.pop(request_id, None)
+            self._aborting.discard(request_id)
+            self._coordinator.finish.remote(request_id)
+        return RequestOutput(request_id, token_ids, detokenizer.text, state.token_ids, state.finish, metrics)
+
+    async def _run_stages(self, request: dict, params: SamplingParams, state: _RequestState,
+                          metrics: RequestMetrics, submitted: float) -> None:
+        route, prefilled = await self._prefill_with_retry(request, metrics)
+        handle = prefilled["handle"]
+        try:
             metrics.queue_s, metrics.prefill_s = prefilled["queue_s"], prefilled["prefill_s"]
             metrics.cached_tokens = prefilled["cached_tokens"]
             first_at = time.perf_counter()
@@ -325,17 +365,42 @@ class Cluster:
                     state.token_ids[0], params, self._eos_ids) else FinishReason.LENGTH
             if state.finish is None:
                 await self._decode(route, request, handle, state, metrics)
-                handle = None  # the decode worker has read it, or released it on failure
-            if state.finish != FinishReason.STOP or not detokenizer.stopped:
-                state.emit(detokenizer.flush())
+                handle = None  # the decode worker has read it and notified the prefill worker
+            if not state.detokenizer.stopped:
+                state.emit(state.detokenizer.flush())
             if len(state.token_ids) > 1:
                 metrics.tpot_s = (time.perf_counter() - first_at) / (len(state.token_ids) - 1)
         finally:
-            self._coordinator.finish.remote(request_id)
-            if handle is not None:
-                route["prefill"].release.remote(request_id)
+            if handle is not None:  # unread KV: tell the prefill worker no decode reader is coming
+                route["prefill"].release.remote(request["request_id"])
 
-        return RequestOutput(request_id, token_ids, detokenizer.text, state.token_ids, state.finish, metrics)
+    async def _prefill_with_retry(self, request: dict, metrics: RequestMetrics) -> tuple[dict, dict]:
+        """Route and prefill; if the prefill worker dies, retry once on another one."""
+        request_id = request["request_id"]
+        timeouts = self.config.timeouts
+        for attempt in range(2):
+            route = await asyncio.wait_for(
+                self._coordinator.route.remote(request_id, len(request["prompt_token_ids"]), request["chunk_keys"]),
+                timeouts.route_s)
+            metrics.prefill_worker, metrics.decode_worker = route["prefill_id"], route["decode_id"]
+            ref = route["prefill"].prefill.remote(request)
+            try:
+                prefilled = await self._remote(ref, timeouts.prefill_s, route["prefill_id"], request_id)
+            except WorkerDiedError as exc:
+                await self._forget_worker(exc.worker_id)
+                self._coordinator.finish.remote(request_id)
+                if attempt == 1:
+                    raise
+                logger.warning("request %s: prefill worker %s died; retrying on another worker",
+                               request_id, exc.worker_id)
+                continue
+            except BaseException:
+                ray.cancel(ref)
+                route["prefill"].release.remote(request_id)  # drops KV the worker may still export
+                raise
+            self._coordinator.prefill_done.remote(request_id)
+            return route, prefilled
+        raise AssertionError("unreachable")
 
     async def _decode(self, route, request, handle, state: _RequestState, metrics: RequestMetrics) -> None:
         timeouts = self.config.timeouts
@@ -346,10 +411,9 @@ class Cluster:
         try:
             first = True
             while True:
-                try:
-                    ref = await asyncio.wait_for(stream.__anext__(),
-                                                 timeouts.first_token_s if first else timeouts.token_s)
-                except StopAsyncIteration:
+                ref = await self._next_ref(stream, timeouts.first_token_s if first else timeouts.token_s,
+                                           route["decode_id"], request_id)
+                if ref is None:
                     break
                 item = await self._remote(ref, timeouts.token_s, route["decode_id"], request_id)
                 if first:
@@ -366,10 +430,24 @@ class Cluster:
                 if state.finish is not None:
                     finished = item["finish_reason"] is not None
                     break
+        except WorkerDiedError as exc:
+            await self._forget_worker(exc.worker_id)
+            raise
         finally:
             if not finished:
                 route["decode"].abort.remote(request_id)
                 ray.cancel(stream)
+
+    async def _next_ref(self, stream, timeout_s: float, worker_id: str, request_id: str):
+        """Return the stream's next object ref, or None at its end."""
+        try:
+            return await asyncio.wait_for(stream.__anext__(), timeout_s)
+        except StopAsyncIteration:
+            return None
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"request {request_id}: worker {worker_id} sent no token within {timeout_s} s") from None
+        except ray.exceptions.RayActorError as exc:
+            raise WorkerDiedError(worker_id, f"request {request_id}: worker {worker_id} died: {exc}") from exc
 
     async def _remote(self, ref, timeout_s: float, worker_id: str, request_id: str):
         try:
@@ -384,7 +462,7 @@ class Cluster:
                 raise cause from None
             raise RequestFailedError(f"request {request_id} failed on worker {worker_id}: {cause}") from exc
         except ray.exceptions.RayActorError as exc:
-            raise RequestFailedError(f"request {request_id}: worker {worker_id} died: {exc}") from exc
+            raise WorkerDiedError(worker_id, f"request {request_id}: worker {worker_id} died: {exc}") from exc
 
     # ----- helpers --------------------------------------------------------
 
@@ -420,11 +498,18 @@ class Cluster:
 
     async def _stats(self) -> dict[str, Any]:
         ids = list(self._workers)
-        results = await asyncio.gather(*(self._workers[i].stats.remote() for i in ids))
+        kinds = dict(self._kinds)
+        results = await asyncio.gather(*(self._workers[i].stats.remote() for i in ids), return_exceptions=True)
         pools = await asyncio.gather(*(handle.stats.remote() for handle in self._pools.values()))
         per_kind: dict[str, list[dict]] = {"prefill": [], "decode": []}
         for worker_id, result in zip(ids, results):
-            per_kind[self._kinds[worker_id]].append(result)
+            if isinstance(result, ray.exceptions.RayActorError):
+                logger.warning("worker %s is dead; leaving it out of stats and routing", worker_id)
+                await self._forget_worker(worker_id)
+                continue
+            if isinstance(result, BaseException):
+                raise result
+            per_kind[kinds[worker_id]].append(result)
         prefill, decode = per_kind["prefill"], per_kind["decode"]
         return {
             "transport": self.transport,

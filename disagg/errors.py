@@ -7,3 +7,11 @@ class OverloadedError(RuntimeError):
 
 class RequestFailedError(RuntimeError):
     """A request failed on a worker; the message names the worker and the cause."""
+
+
+class WorkerDiedError(RequestFailedError):
+    """The worker serving a request died; ``worker_id`` names it."""
+
+    def __init__(self, worker_id: str, message: str) -> None:
+        super().__init__(message)
+        self.worker_id = worker_id

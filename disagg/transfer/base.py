@@ -47,8 +47,8 @@ class KVSender(ABC):
         """
 
     @abstractmethod
-    def release(self, request_id: str) -> bool:
-        """Free the request's KV now; return False when it was already gone. Idempotent."""
+    def release(self, request_id: str, reader: str = "decode") -> bool:
+        """Mark ``reader`` done with the request's KV; free it when no reader is left. Idempotent."""
 
     @abstractmethod
     def poll(self) -> list[str]:

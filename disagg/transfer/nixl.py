@@ -39,7 +39,8 @@ class NixlSender(KVSender):
         self.endpoint = NixlEndpoint(f"{worker_id}-nixl", compat, worker=worker_id)
         self.endpoint.register(self.outbox.tensor)
         self._leases = LeaseTable()
-        self._readers: dict[str, int] = {}  # request id -> readers that have not released yet
+        # request id -> readers ("decode", "pool") that have not released yet
+        self._readers: dict[str, set[str]] = {}
 
     def handshake(self) -> bytes:
         return self.endpoint.handshake()
@@ -71,7 +72,7 @@ class NixlSender(KVSender):
         block_ids = lease.payload
         self.outbox.write(block_ids, result.layer_kv, start=start)
         lease.mark_written()
-        self._readers[request_id] = 1
+        self._readers[request_id] = {"decode"}
         regions = outbox_regions(self.outbox.tensor, block_ids, result.num_tokens)
         descriptor = {
             "agent": self.endpoint.name,
@@ -81,19 +82,20 @@ class NixlSender(KVSender):
         }
         return {"kind": self.name, "descriptor": msgpack.packb(descriptor, use_bin_type=True)}
 
-    def add_reader(self, request_id: str) -> bool:
-        """Count one more reader (e.g. a cache pool storing chunks); False if the KV is gone."""
+    def add_reader(self, request_id: str, reader: str = "pool") -> bool:
+        """Hold the blocks for one more reader (a cache pool storing chunks); False if the KV is gone."""
         if request_id not in self._readers:
             return False
-        self._readers[request_id] += 1
+        self._readers[request_id].add(reader)
         return True
 
-    def release(self, request_id: str) -> bool:
-        """Mark one reader done; the blocks are freed when the last one is. Return whether they were."""
-        remaining = self._readers.get(request_id, 1) - 1
-        if remaining > 0:
-            self._readers[request_id] = remaining
-            return False
+    def release(self, request_id: str, reader: str = "decode") -> bool:
+        """Mark ``reader`` done (idempotent); free the blocks when no reader is left. Return whether they were."""
+        remaining = self._readers.get(request_id)
+        if remaining is not None:
+            remaining.discard(reader)
+            if remaining:
+                return False
         self._readers.pop(request_id, None)
         block_ids = self._leases.release(request_id)
         if block_ids is None:
@@ -136,7 +138,7 @@ class NixlSender(KVSender):
             except ValueError:
                 logger.warning("ignoring an unreadable NIXL notification from %s", peer)
                 continue
-            if self.release(notice.request_id):
+            if self.release(notice.request_id, reader=_reader_role(peer)):
                 freed.append(notice.request_id)
         for lease in self._leases.expire_due():
             self._readers.pop(lease.request_id, None)
@@ -156,6 +158,11 @@ class NixlSender(KVSender):
         for lease in self._leases.expire_due(now_s=float("inf")):
             self.outbox.free(lease.payload)
         self.endpoint.close()
+
+
+def _reader_role(peer: str) -> str:
+    """Tell a cache pool's agent from a decode worker's by its name (``<cluster>-pool-<node>-nixl``)."""
+    return "pool" if "-pool-" in peer else "decode"
 
 
 class NixlReceiver(KVReceiver):

@@ -57,7 +57,7 @@ class ObjectStoreSender(KVSender):
         owner = ray.get_runtime_context().current_actor
         return {"kind": self.name, "ref": ref, "dtype": dtype, "num_tokens": result.num_tokens, "owner": owner}
 
-    def release(self, request_id: str) -> bool:
+    def release(self, request_id: str, reader: str = "decode") -> bool:
         return self._leases.release(request_id) is not None
 
     def poll(self) -> list[str]:
