@@ -68,6 +68,11 @@ class CachePool:
                 "node_id": self.node_id, "agent": self.endpoint.name,
                 "bytes_total": self.pool.num_slots * self.pool.chunk_bytes}
 
+    async def remove_peer(self, agent: str) -> None:
+        """Forget a departed peer's NIXL agent."""
+        if agent in self.endpoint.stats()["peers"]:
+            self.endpoint.remove_peer(agent)
+
     async def add_peer(self, handshake: bytes) -> None:
         self.endpoint.add_peer(handshake)
 

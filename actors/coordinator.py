@@ -123,13 +123,28 @@ class CacheCoordinator:
             result["pool"] = self.pools[location.pool_id]["handle"]
         return result
 
+    async def drain(self, worker_id: str) -> None:
+        """Stop routing new requests to a worker; requests it already has continue."""
+        entry = self.router.workers.get(worker_id)
+        if entry is not None:
+            entry.draining = True
+
+    async def load(self, worker_id: str) -> int:
+        """Return the requests routed to a worker and not finished (0 for an unknown worker)."""
+        entry = self.router.workers.get(worker_id)
+        return 0 if entry is None else entry.num_requests
+
     async def remove_worker(self, worker_id: str) -> bool:
         """Stop routing to a worker (it died or is leaving); return whether it was registered."""
         entry = self.router.remove(worker_id)
         self.nodes.pop(worker_id, None)
-        if entry is not None:
-            logger.warning("removed %s worker %s from routing", entry.kind, worker_id)
-        return entry is not None
+        if entry is None:
+            return False
+        logger.info("removed %s worker %s from routing", entry.kind, worker_id)
+        peers = [h for h, _ in self._peer_handshakes(entry.kind)]
+        for peer in peers:
+            peer.remove_peer.remote(f"{worker_id}-nixl")  # best effort: a dead peer ignores it
+        return True
 
     async def prefill_done(self, request_id: str) -> None:
         self.router.prefill_done(request_id)

@@ -75,6 +75,10 @@ class DecodeWorker:
                 "arena_bytes": self.arena.tensor.numel() * self.arena.tensor.element_size(),
                 "kv_bytes_per_token": self.runner.layout.bytes_per_token}
 
+    async def remove_peer(self, agent: str) -> None:
+        """Forget a departed peer's NIXL agent."""
+        self.receiver.remove_peer(agent)
+
     async def add_peer(self, handshake: bytes) -> None:
         """Accept a prefill worker's handshake; raises ``IncompatiblePeerError`` on a mismatch."""
         self.receiver.add_peer(handshake)
@@ -152,11 +156,14 @@ class DecodeWorker:
             **self.receiver.stats(),
         }
 
-    async def shutdown(self) -> None:
-        """Stop the decode loop and release the NIXL registration."""
+    async def shutdown(self) -> dict[str, int]:
+        """Stop the decode loop and release the NIXL registration; return what was still held."""
+        held = {"waiting": self._num_waiting, "running": self.engine.num_running,
+                "kv_blocks": self.arena.num_used_slots}
         if self._loop_task is not None:
             self._loop_task.cancel()
         self.receiver.close()
+        return held
 
     async def _reserve(self, request_id: str) -> int:
         deadline = time.monotonic() + self.config.timeouts.admission_s

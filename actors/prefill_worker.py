@@ -63,6 +63,10 @@ class PrefillWorker:
                 "node_id": self.node_id, "layout": self.runner.layout.__dict__, "model": self.runner.resolved.name,
                 "kv_bytes_per_token": self.runner.layout.bytes_per_token}
 
+    async def remove_peer(self, agent: str) -> None:
+        """Forget a departed peer's NIXL agent."""
+        self.sender.remove_peer(agent)
+
     async def add_peer(self, handshake: bytes) -> None:
         """Accept a decode worker's or pool's handshake; raises ``IncompatiblePeerError`` on a mismatch."""
         self.sender.add_peer(handshake)
@@ -138,13 +142,17 @@ class PrefillWorker:
             **self.sender.stats(),
         }
 
-    async def shutdown(self) -> None:
-        """Stop polling and release every lease and NIXL registration."""
+    async def shutdown(self) -> dict[str, int]:
+        """Stop polling and release every lease and NIXL registration; return what was still held."""
+        stats = self.sender.stats()
+        held = {"waiting": self._num_waiting, "leases": stats["leases_active"],
+                "outbox_blocks": stats.get("outbox_blocks_used", 0)}
         for task in list(self._store_tasks):
             task.cancel()
         if self._poll_task is not None:
             self._poll_task.cancel()
         self.sender.close()
+        return held
 
     # ----- cache ----------------------------------------------------------
 

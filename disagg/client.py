@@ -7,6 +7,7 @@ drives each request through them (route, prefill, decode stream).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -25,7 +26,8 @@ from transformers import AutoConfig
 from disagg.cache.keys import CacheNamespace, chunk_keys
 from disagg.config import EngineConfig, Timeouts, WorkerResources
 from disagg.detokenizer import IncrementalDetokenizer
-from disagg.errors import RequestFailedError, WorkerDiedError
+from disagg.errors import OverloadedError, RequestFailedError, WorkerDiedError
+from disagg.fleet import Fleet
 from disagg.model.runner import kv_layout_of, load_tokenizer
 from disagg.model.sources import resolve_model
 from disagg.outputs import FinishReason, RequestMetrics, RequestOutput
@@ -184,27 +186,12 @@ class Cluster:
 
     def _start_workers(self, num_prefill: int, num_decode: int, prefill_res: WorkerResources,
                        decode_res: WorkerResources) -> None:
-        from actors.decode_worker import DecodeWorker
-        from actors.prefill_worker import PrefillWorker
-
-        timeouts = self.config.timeouts
-
-        specs = [("prefill", PrefillWorker, prefill_res)] * num_prefill + [("decode", DecodeWorker, decode_res)] * num_decode
-        pending = []
-        for index, (kind, cls, res) in enumerate(specs):
-            worker_id = f"{self._name}-{kind}-{index}"
-            handle = ray.remote(cls).options(
-                name=worker_id, num_cpus=res.num_cpus, num_gpus=res.num_gpus, resources=res.resources or None,
-                max_concurrency=1000,
-            ).remote(worker_id, self.config.to_dict(), self.transport, res.threads)
-            self._workers[worker_id] = handle
-            self._kinds[worker_id] = kind
-            pending.append((worker_id, kind, handle, handle.start.remote(self._coordinator)))
-
-        for worker_id, kind, handle, ref in pending:
-            info = ray.get(ref, timeout=timeouts.actor_start_s)
-            ray.get(self._coordinator.register.remote(worker_id, kind, handle, info["handshake"], info["node_id"]),
-                    timeout=timeouts.actor_start_s)
+        self.fleet = Fleet(self._name, self.config, self.transport, self._coordinator,
+                           {"prefill": prefill_res, "decode": decode_res})
+        self._workers, self._kinds = self.fleet.workers, self.fleet.kinds
+        created = [self.fleet.create(kind) for kind in ["prefill"] * num_prefill + ["decode"] * num_decode]
+        for worker_id, handle in created:
+            info = self._call(self.fleet.start(worker_id, handle, self.config.timeouts.actor_start_s))
             _log_worker_facts(worker_id, info)
         logger.info(
             "disagg cluster %s ready: model %s, prefill replicas %d, decode replicas %d, transport %s",
@@ -284,13 +271,47 @@ class Cluster:
         return self._call(cancel())
 
     async def _forget_worker(self, worker_id: str) -> None:
-        """Stop routing to a dead worker and drop it from this cluster's worker list."""
-        self._workers.pop(worker_id, None)
-        self._kinds.pop(worker_id, None)
-        try:
-            await asyncio.wait_for(self._coordinator.remove_worker.remote(worker_id), self.config.timeouts.route_s)
-        except Exception as exc:  # noqa: BLE001 - routing may still pick it; the next failure retries this
-            logger.warning("could not remove dead worker %s from routing: %r", worker_id, exc)
+        await self.fleet.forget(worker_id)
+
+    def scale(self, prefill: int | None = None, decode: int | None = None, *, wait: bool = True,
+              drain_timeout_s: float = 120.0) -> dict[str, Any]:
+        """Grow or shrink the prefill and decode replicas while requests keep flowing.
+
+        New replicas are placed by the kind's ``WorkerResources``; with
+        ``wait=True`` this returns once they serve, otherwise they count as
+        ``pending_replicas`` in ``stats()`` until Ray places them. Removed
+        replicas stop getting requests, finish what they hold, then release
+        their KV and NIXL registrations and exit. Returns, per removed
+        worker, what it held at exit. Raises ``ValueError`` for a target < 1.
+        """
+        targets = {"prefill": prefill, "decode": decode}
+        for kind, target in targets.items():
+            if target is not None and (not isinstance(target, int) or target < 1):
+                raise ValueError(f"{kind}={target!r} is invalid: keep at least 1 replica of each kind.")
+        return self._call(self._scale(targets, wait, drain_timeout_s))
+
+    async def _scale(self, targets: dict[str, int | None], wait: bool, drain_timeout_s: float) -> dict[str, Any]:
+        removed: dict[str, Any] = {}
+        loads = (await self._coordinator.stats.remote())["load"]
+        for kind, target in targets.items():
+            if target is None:
+                continue
+            have = self.fleet.count(kind) + self.fleet.num_pending(kind)
+            if target > have and wait:
+                created = [self.fleet.create(kind) for _ in range(target - have)]
+                await asyncio.gather(*(self.fleet.start(w, h, self.config.timeouts.actor_start_s)
+                                       for w, h in created))
+            elif target > have:
+                for _ in range(target - have):
+                    self.fleet.start_in_background(kind)
+            elif target < self.fleet.count(kind):
+                requests = {w: load["requests"] for w, load in loads.items()}
+                victims = self.fleet.pick_for_removal(kind, requests, self.fleet.count(kind) - target)
+                results = await asyncio.gather(*(self.fleet.drain_and_remove(w, drain_timeout_s) for w in victims))
+                removed.update(zip(victims, results))
+        logger.info("scaled to %d prefill and %d decode replicas (%d and %d pending)", self.fleet.count("prefill"),
+                    self.fleet.count("decode"), self.fleet.num_pending("prefill"), self.fleet.num_pending("decode"))
+        return {"removed": removed}
 
     def stats(self) -> dict[str, Any]:
         """Return counters of every worker, summed per kind (see the README for the keys)."""
@@ -301,6 +322,11 @@ class Cluster:
         if self._closed:
             return
         self._closed = True
+        if hasattr(self, "fleet"):
+            self.fleet.cancel_background()
+            for worker_id in list(self.fleet.pending):
+                with contextlib.suppress(ValueError):  # ValueError: the actor was never created
+                    ray.kill(ray.get_actor(worker_id), no_restart=True)
         handles = list(self._workers.values()) + list(self._pools.values())
         try:
             ray.get([h.shutdown.remote() for h in handles], timeout=30)
@@ -458,7 +484,7 @@ class Cluster:
             ) from None
         except ray.exceptions.RayTaskError as exc:
             cause = exc.as_instanceof_cause()
-            if isinstance(cause, ValueError):
+            if isinstance(cause, (ValueError, OverloadedError)):
                 raise cause from None
             raise RequestFailedError(f"request {request_id} failed on worker {worker_id}: {cause}") from exc
         except ray.exceptions.RayActorError as exc:
@@ -515,6 +541,7 @@ class Cluster:
             "transport": self.transport,
             "prefill": {
                 "replicas": len(prefill),
+                "pending_replicas": self.fleet.num_pending("prefill"),
                 "waiting": sum(w["waiting"] for w in prefill),
                 "prefills": sum(w["prefills"] for w in prefill),
                 "outbox_blocks_used": sum(w.get("outbox_blocks_used", 0) for w in prefill),
@@ -522,6 +549,7 @@ class Cluster:
             },
             "decode": {
                 "replicas": len(decode),
+                "pending_replicas": self.fleet.num_pending("decode"),
                 "running": sum(w["running"] for w in decode),
                 "waiting": sum(w["waiting"] for w in decode),
                 "kv_blocks_used": sum(w["kv_blocks_used"] for w in decode),

@@ -35,6 +35,10 @@ class KVSender(ABC):
     def add_peer(self, handshake: bytes) -> None:
         """Accept a decode worker's handshake; raise ``IncompatiblePeerError`` on a mismatch."""
 
+    def remove_peer(self, agent: str) -> None:
+        """Forget a departed peer; a no-op for transports without peers."""
+        return None
+
     @abstractmethod
     def can_export(self, num_tokens: int) -> bool:
         """Whether ``export`` of ``num_tokens`` tokens would find room now."""
@@ -72,6 +76,10 @@ class KVReceiver(ABC):
 
     @abstractmethod
     def add_peer(self, handshake: bytes) -> None: ...
+
+    def remove_peer(self, agent: str) -> None:
+        """Forget a departed peer; a no-op for transports without peers."""
+        return None
 
     @abstractmethod
     async def pull(self, request_id: str, handle: KVHandle, slot: int, timeout_s: float) -> int:

@@ -48,6 +48,10 @@ class NixlSender(KVSender):
     def add_peer(self, handshake: bytes) -> None:
         self.endpoint.add_peer(handshake)
 
+    def remove_peer(self, agent: str) -> None:
+        if agent in self.endpoint.stats()["peers"]:
+            self.endpoint.remove_peer(agent)
+
     def can_export(self, num_tokens: int) -> bool:
         return self.outbox.can_allocate(num_tokens)
 
@@ -179,6 +183,10 @@ class NixlReceiver(KVReceiver):
 
     def add_peer(self, handshake: bytes) -> None:
         self.endpoint.add_peer(handshake)
+
+    def remove_peer(self, agent: str) -> None:
+        if agent in self.endpoint.stats()["peers"]:
+            self.endpoint.remove_peer(agent)
 
     async def pull(self, request_id: str, handle: KVHandle, slot: int, timeout_s: float) -> int:
         descriptor = msgpack.unpackb(handle["descriptor"], raw=False)
