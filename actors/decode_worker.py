@@ -166,6 +166,11 @@ class DecodeWorker:
         return held
 
     async def _reserve(self, request_id: str) -> int:
+        if self.arena.num_free_slots == 0 and self._num_waiting >= self.config.max_queued_requests:
+            raise OverloadedError(
+                f"decode worker {self.worker_id}: {self._num_waiting} requests already wait for a KV slot "
+                f"(max_queued_requests={self.config.max_queued_requests}); retry later or add decode replicas"
+            )
         deadline = time.monotonic() + self.config.timeouts.admission_s
         self._num_waiting += 1
         try:

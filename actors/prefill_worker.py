@@ -82,6 +82,11 @@ class PrefillWorker:
         token_ids = request["prompt_token_ids"]
         params = SamplingParams.from_dict(request["params"])
         queued_at = time.perf_counter()
+        if self._num_waiting >= self.config.max_queued_requests:
+            raise OverloadedError(
+                f"prefill worker {self.worker_id}: {self._num_waiting} requests already queued "
+                f"(max_queued_requests={self.config.max_queued_requests}); retry later or add prefill replicas"
+            )
 
         self._num_waiting += 1
         self._in_progress.add(request_id)

@@ -50,6 +50,7 @@ class EngineConfig:
     prefill_block_tokens: int = 256
     prefill_outbox_tokens: int = 16384  # KV held by a prefill worker until decode reads it
     prefill_chunk_tokens: int = 2048  # forward pass size for long prompts
+    max_queued_requests: int = 64  # per worker; more waiting requests are rejected as overloaded
     cache_dir: str | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
 
@@ -62,6 +63,8 @@ class EngineConfig:
             raise ValueError(f"max_seq_len={self.max_seq_len} is invalid: it must be >= 2.")
         if self.max_batch < 1:
             raise ValueError(f"max_batch={self.max_batch} is invalid: it must be >= 1.")
+        if self.max_queued_requests < 1:
+            raise ValueError(f"max_queued_requests={self.max_queued_requests} is invalid: it must be >= 1.")
         if self.decode_kv_tokens is not None and self.decode_kv_bytes is not None:
             raise ValueError("set decode_kv_tokens or decode_kv_bytes, not both.")
         if self.prefill_outbox_tokens < self.max_seq_len:
