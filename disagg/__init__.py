@@ -5,12 +5,14 @@ pull that KV (by NIXL, or through the Ray object store) and generate with
 continuous batching, and a coordinator actor routes requests between them.
 """
 
+from disagg.autoscale import AutoscalePolicy
 from disagg.config import EngineConfig, Timeouts, WorkerResources
 from disagg.errors import OverloadedError, RequestFailedError
 from disagg.outputs import FinishReason, RequestMetrics, RequestOutput
 from disagg.sampling import SamplingParams
 
 __all__ = [
+    "AutoscalePolicy",
     "Cluster",
     "EngineConfig",
     "FinishReason",

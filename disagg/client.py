@@ -7,6 +7,7 @@ drives each request through them (route, prefill, decode stream).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -23,6 +24,7 @@ from typing import Any
 import ray
 from transformers import AutoConfig
 
+from disagg.autoscale import AutoscalePolicy, Autoscaler, LoadSignals
 from disagg.cache.keys import CacheNamespace, chunk_keys
 from disagg.config import EngineConfig, Timeouts, WorkerResources
 from disagg.detokenizer import IncrementalDetokenizer
@@ -141,6 +143,8 @@ class Cluster:
         self._kinds: dict[str, str] = {}
         self._pools: dict[str, Any] = {}  # pool id -> actor handle
         self._tasks: dict[str, asyncio.Task] = {}  # request id -> its task on the private loop
+        self._recent: collections.deque[RequestMetrics] = collections.deque(maxlen=32)
+        self._autoscale_task: asyncio.Task | None = None
         self._aborting: set[str] = set()
         layout = kv_layout_of(AutoConfig.from_pretrained(str(resolved.path)), config.dtype)
         self._namespace = CacheNamespace.for_model(resolved.name, resolved.weights_digest, layout,
@@ -270,6 +274,55 @@ class Cluster:
 
         return self._call(cancel())
 
+    def enable_autoscaling(self, policy: AutoscalePolicy | None = None) -> None:
+        """Start adjusting replica counts from recent load (see ``AutoscalePolicy``); idempotent."""
+        policy = policy or AutoscalePolicy()
+
+        async def start() -> None:
+            if self._autoscale_task is None or self._autoscale_task.done():
+                self._recent = collections.deque(self._recent, maxlen=policy.window)
+                self._autoscale_task = asyncio.get_running_loop().create_task(self._autoscale(policy))
+
+        self._call(start())
+        logger.info("autoscaling on: %s", policy)
+
+    def disable_autoscaling(self) -> None:
+        """Stop the autoscaler; replicas stay as they are."""
+        async def stop() -> None:
+            if self._autoscale_task is not None:
+                self._autoscale_task.cancel()
+                self._autoscale_task = None
+
+        self._call(stop())
+
+    async def _autoscale(self, policy: AutoscalePolicy) -> None:
+        scaler = Autoscaler(policy)
+        while True:
+            await asyncio.sleep(policy.interval_s)
+            try:
+                targets = scaler.decide(await self._load_signals())
+                if any(t is not None for t in targets.values()):
+                    logger.info("autoscaler: scaling to %s", targets)
+                    await self._scale(targets, wait=False, drain_timeout_s=self.config.timeouts.admission_s)
+            except Exception:
+                logger.exception("autoscaler step failed; trying again in %.1f s", policy.interval_s)
+
+    async def _load_signals(self) -> LoadSignals:
+        stats = await self._stats()
+        recent = list(self._recent)
+
+        def mean(values: list[float]) -> float:
+            return sum(values) / len(values) if values else 0.0
+
+        decode = stats["decode"]
+        return LoadSignals(
+            num_prefill=stats["prefill"]["replicas"], num_decode=decode["replicas"],
+            pending_prefill=stats["prefill"]["pending_replicas"], pending_decode=decode["pending_replicas"],
+            prefill_queue_s=mean([m.queue_s for m in recent]), ttft_s=mean([m.ttft_s for m in recent]),
+            decode_occupancy=(decode["running"] + decode["waiting"]) / max(1, decode["kv_blocks_total"]),
+            tpot_s=mean([m.tpot_s for m in recent if m.tpot_s > 0]),
+        )
+
     async def _forget_worker(self, worker_id: str) -> None:
         await self.fleet.forget(worker_id)
 
@@ -322,6 +375,8 @@ class Cluster:
         if self._closed:
             return
         self._closed = True
+        if self._autoscale_task is not None:
+            self._loop.call_soon_threadsafe(self._autoscale_task.cancel)
         if hasattr(self, "fleet"):
             self.fleet.cancel_background()
             for worker_id in list(self.fleet.pending):
@@ -365,6 +420,7 @@ class Cluster:
         metrics = RequestMetrics(transport=self.transport)
         try:
             await self._run_stages(request, params, state, metrics, submitted)
+            self._recent.append(metrics)
         except asyncio.CancelledError:
             if request_id not in self._aborting:
                 raise

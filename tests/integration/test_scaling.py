@@ -77,3 +77,19 @@ def test_unplaceable_replica_is_pending(cluster):
         assert cluster.generate("still serving", PARAMS)[0].finish_reason == disagg.FinishReason.LENGTH
     finally:
         cluster.fleet.resources["decode"] = disagg.WorkerResources(num_cpus=0.5)
+
+
+def test_autoscaler_grows_prefill_under_queueing(cluster):
+    policy = disagg.AutoscalePolicy(max_prefill=2, max_decode=1, target_prefill_queue_s=1e-6,
+                                    target_decode_occupancy=10.0, cooldown_s=60, interval_s=0.2)
+    cluster.enable_autoscaling(policy)
+    try:
+        deadline = time.monotonic() + 60
+        while cluster.stats()["prefill"]["replicas"] < 2:
+            assert time.monotonic() < deadline, "autoscaler never added a prefill replica"
+            cluster.generate([f"queue up {i}" for i in range(4)], PARAMS)
+        assert cluster.stats()["decode"]["replicas"] == 1
+    finally:
+        cluster.disable_autoscaling()
+    cluster.scale(prefill=1)
+    assert_idle(cluster)
