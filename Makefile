@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 NETNS := scripts/netns.sh
 STAMP := $(VENV)/.disagg-installed
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test test-fast bench soak lint clean
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ test-fast: install
 
 bench: install
 	$(NETNS) $(PY) bench/bench_serving.py
+	$(NETNS) $(PY) bench/bench_cache.py
+
+soak: install
+	$(NETNS) $(PY) bench/soak.py --duration 120
 
 lint: install
 	$(PY) -m ruff check disagg actors tests bench examples
