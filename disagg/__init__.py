@@ -7,7 +7,7 @@ continuous batching, and a coordinator actor routes requests between them.
 
 from disagg.autoscale import AutoscalePolicy
 from disagg.config import EngineConfig, Timeouts, WorkerResources
-from disagg.errors import OverloadedError, RequestFailedError
+from disagg.errors import OverloadedError, RequestFailedError, WorkerDiedError
 from disagg.outputs import FinishReason, RequestMetrics, RequestOutput
 from disagg.sampling import SamplingParams
 
@@ -22,6 +22,7 @@ __all__ = [
     "RequestOutput",
     "SamplingParams",
     "Timeouts",
+    "WorkerDiedError",
     "WorkerResources",
     "launch",
 ]
