@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,11 @@ from disagg.transfer.protocol import ReleaseNotice
 
 logger = logging.getLogger(__name__)
 
+# NIXL progress every millisecond for a while after a pin or store (a peer
+# may be reading or being read), else rarely, to leave idle CPU to workers.
 _POLL_INTERVAL_S = 0.001
+_IDLE_POLL_INTERVAL_S = 0.02
+_BUSY_WINDOW_S = 2.0
 _EXPIRE_INTERVAL_S = 0.1
 _REPORT_INTERVAL_S = 0.05
 
@@ -53,6 +58,7 @@ class CachePool:
         self._coordinator = None
         self._reported_seq = 0
         self._tasks: list[asyncio.Task] = []
+        self._last_activity_s = 0.0
 
     async def start(self, coordinator=None) -> dict[str, Any]:
         """Start polling, expiry and event reporting; return the registration facts."""
@@ -78,6 +84,7 @@ class CachePool:
 
     async def pin(self, keys: list[bytes], owner: str, ttl_s: float) -> dict[str, Any]:
         """Pin the leading cached run of ``keys``; return the pin and each chunk's slot region."""
+        self._last_activity_s = time.monotonic()
         self.pool.match_prefix(keys)  # counts hits and misses, promotes nothing
         pin = self.pool.pin(keys, owner, ttl_s)
         regions = np.asarray([self._slot_region(slot) for slot in pin.slots], dtype=np.int64).reshape(-1, 2)
@@ -95,6 +102,7 @@ class CachePool:
         prefill worker's hold on its blocks; otherwise the caller releases it.
         A failed READ lists nothing.
         """
+        self._last_activity_s = time.monotonic()
         namespace = self._namespace(salt)
         remote = np.frombuffer(regions, dtype=np.int64).reshape(-1, 2)
         reservations, rows = [], []
@@ -152,7 +160,8 @@ class CachePool:
     async def _poll_forever(self) -> None:
         while True:
             self.endpoint.poll_notifications()
-            await asyncio.sleep(_POLL_INTERVAL_S)
+            busy = time.monotonic() - self._last_activity_s < _BUSY_WINDOW_S
+            await asyncio.sleep(_POLL_INTERVAL_S if busy else _IDLE_POLL_INTERVAL_S)
 
     async def _maintain_forever(self) -> None:
         ticks = 0

@@ -24,7 +24,11 @@ from disagg.transfer.nixl import NixlSender
 
 logger = logging.getLogger(__name__)
 
+# NIXL progress: every millisecond while peers may be reading our KV, else
+# rarely, so an idle worker does not take CPU from decode (about 7% of a core
+# each at 1 ms, measured by bench/bench_serving.py on a 2-core VM).
 _POLL_INTERVAL_S = 0.001
+_IDLE_POLL_INTERVAL_S = 0.02
 
 
 class PrefillWorker:
@@ -267,4 +271,5 @@ class PrefillWorker:
                 self.sender.poll()
             except Exception:
                 logger.exception("prefill worker %s: transport poll failed", self.worker_id)
-            await asyncio.sleep(_POLL_INTERVAL_S)
+            busy = self._num_waiting or self.sender.stats()["leases_active"]
+            await asyncio.sleep(_POLL_INTERVAL_S if busy else _IDLE_POLL_INTERVAL_S)
