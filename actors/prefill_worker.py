@@ -193,7 +193,7 @@ class PrefillWorker:
         keys = request["chunk_keys"][:usable]
         timeouts = self.config.timeouts
         try:
-            # Asked even with no usable key: the answer also names this node's pool for storing.
+            # Called even with no usable key, because the result also names this node's pool for storing.
             found = await asyncio.wait_for(self._coordinator.lookup.remote(keys, self.node_id), timeouts.route_s)
         except Exception as exc:  # noqa: BLE001 - a lookup that fails is a miss
             logger.warning("prefill %s: cache lookup failed (%r); computing the whole prompt", request_id, exc)

@@ -536,7 +536,7 @@ class Cluster:
             return await asyncio.wait_for(ref, timeout_s)
         except asyncio.TimeoutError:
             raise TimeoutError(
-                f"request {request_id}: worker {worker_id} did not answer within {timeout_s} s"
+                f"request {request_id}: worker {worker_id} did not respond within {timeout_s} s"
             ) from None
         except ray.exceptions.RayTaskError as exc:
             cause = exc.as_instanceof_cause()

@@ -16,7 +16,7 @@ class Timeouts:
     prefill_s: float = 600.0  # one prompt's forward on a prefill worker
     admission_s: float = 300.0  # a decode worker waits for a free KV slot
     transfer_s: float = 60.0  # one KV pull
-    lease_s: float = 120.0  # prefill KV nobody reads within this is released
+    lease_s: float = 120.0  # prefill KV that no reader takes within this is released
     first_token_s: float = 900.0  # driver waits for the first streamed token
     token_s: float = 120.0  # driver waits between two streamed tokens
     actor_start_s: float = 300.0  # a worker loads its model and registers
