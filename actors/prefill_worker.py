@@ -48,6 +48,8 @@ class PrefillWorker:
         self._num_failed = 0
         self._prefill_tokens = 0
         self._cached_tokens = 0
+        self._cache_hits = 0  # chunks loaded from a pool
+        self._cache_misses = 0  # usable chunks of prompts that no pool had (or lost before the read)
         self._poll_task: asyncio.Task | None = None
         self._store_tasks: set[asyncio.Task] = set()
         self._in_progress: set[str] = set()
@@ -148,6 +150,8 @@ class PrefillWorker:
             "failed": self._num_failed,
             "prefill_tokens": self._prefill_tokens,
             "cached_tokens": self._cached_tokens,
+            "cache_hits": self._cache_hits,
+            "cache_misses": self._cache_misses,
             **self.sender.stats(),
         }
 
@@ -172,13 +176,19 @@ class PrefillWorker:
         """Load the cached prefix (if any) into the outbox blocks, then run the rest of the prompt."""
         token_ids = request["prompt_token_ids"]
         num_cached = 0
-        prefix = None
+        block_ids = None
         if self._cache_enabled(request):
-            block_ids = self.sender.reserve(request["request_id"], len(token_ids), self.config.timeouts.lease_s)
+            # The reservation must outlive the forward pass; export restarts its clock for the reader.
+            ttl_s = self.config.timeouts.prefill_s + self.config.timeouts.lease_s
+            block_ids = self.sender.reserve(request["request_id"], len(token_ids), ttl_s)
             num_cached = await self._load_prefix(request, block_ids)
-            if num_cached:
-                prefix = self.sender.prefix_kv(block_ids, num_cached)
-        result = await asyncio.to_thread(self.runner.prefill, token_ids, prefix, self.config.prefill_chunk_tokens)
+
+        def forward():
+            # Off the event loop: copying a long cached prefix out of the blocks takes a while too.
+            prefix = self.sender.prefix_kv(block_ids, num_cached) if num_cached else None
+            return self.runner.prefill(token_ids, prefix, self.config.prefill_chunk_tokens)
+
+        result = await asyncio.to_thread(forward)
         return result, num_cached
 
     async def _load_prefix(self, request: dict, block_ids: list[int]) -> int:
@@ -199,6 +209,7 @@ class PrefillWorker:
             logger.warning("prefill %s: cache lookup failed (%r); computing the whole prompt", request_id, exc)
             return 0
         request["_local_pool"] = found["local_pool"]
+        self._cache_misses += len(keys) - found["num_chunks"]
         if not found["num_chunks"]:
             return 0
 
@@ -212,6 +223,8 @@ class PrefillWorker:
             remote = np.frombuffer(pinned["regions"], dtype=np.int64).reshape(-1, 2)
             local = self.sender.block_regions(block_ids[:num_chunks])
             await self.sender.endpoint.read(pinned["agent"], local, remote, b"", timeouts.transfer_s)
+            self._cache_hits += num_chunks
+            self._cache_misses += found["num_chunks"] - num_chunks
             return num_chunks * chunk_tokens
         except Exception as exc:  # noqa: BLE001 - fall back to computing; partial KV is overwritten
             logger.warning("prefill %s: loading %d cached chunks failed (%r); computing them", request_id,

@@ -159,7 +159,10 @@ def run_demo(args: argparse.Namespace) -> int:
 
     summary = _summarize(args, first_rows, first_wall_s)
     summary["second_pass"] = _summarize(args, second_rows, second_wall_s)
+    print("Answers (first pass):")
     _print_answers(first_rows)
+    same = sum(a.answer == b.answer for a, b in zip(first_rows, second_rows, strict=True))
+    print(f"\nSecond pass: {same} of {len(first_rows)} answers identical to the first pass (greedy decoding).")
     print("\nFirst pass (cold cache):")
     _print_table(first_rows, summary)
     print("\nSecond pass (same questions, prefixes cached):")

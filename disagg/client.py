@@ -79,6 +79,9 @@ def launch(
 
     resolved = resolve_model(model, None if config.cache_dir is None else Path(config.cache_dir))
     tokenizer = load_tokenizer(resolved)
+    # Prompt length is checked against the model and max_seq_len by disagg; this stops
+    # the tokenizer's own warning about sequences longer than its default maximum.
+    tokenizer.model_max_length = int(1e30)
     max_model_len = _max_model_len(resolved.path)
     if max_seq_len > max_model_len:
         raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context of {max_model_len}: lower it.")
@@ -410,6 +413,8 @@ class Cluster:
         the text so far; a cancelled caller gets ``CancelledError`` after the
         same clean-up.
         """
+        if request_id in self._tasks:
+            raise ValueError(f"request_id={request_id!r} is already in flight: use a unique request_id.")
         self._tasks[request_id] = asyncio.current_task()
         submitted = time.perf_counter()
         keys = self._chunk_keys(token_ids, cache_salt)
@@ -426,7 +431,7 @@ class Cluster:
                 raise
             state.finish = FinishReason.ABORT
         finally:
-            self._tasks.pop(request_id, None)
+            del self._tasks[request_id]
             self._aborting.discard(request_id)
             self._coordinator.finish.remote(request_id)
         return RequestOutput(request_id, token_ids, detokenizer.text, state.token_ids, state.finish, metrics)
@@ -461,9 +466,9 @@ class Cluster:
         request_id = request["request_id"]
         timeouts = self.config.timeouts
         for attempt in range(2):
-            route = await asyncio.wait_for(
+            route = await self._remote(
                 self._coordinator.route.remote(request_id, len(request["prompt_token_ids"]), request["chunk_keys"]),
-                timeouts.route_s)
+                timeouts.route_s, "coordinator", request_id)
             metrics.prefill_worker, metrics.decode_worker = route["prefill_id"], route["decode_id"]
             ref = route["prefill"].prefill.remote(request)
             try:
@@ -481,6 +486,9 @@ class Cluster:
                 route["prefill"].release.remote(request_id)  # drops KV the worker may still export
                 raise
             self._coordinator.prefill_done.remote(request_id)
+            if request_id in self._aborting:
+                route["prefill"].release.remote(request_id)
+                raise asyncio.CancelledError(f"request {request_id} aborted")
             return route, prefilled
         raise AssertionError("unreachable")
 
@@ -498,6 +506,8 @@ class Cluster:
                 if ref is None:
                     break
                 item = await self._remote(ref, timeouts.token_s, route["decode_id"], request_id)
+                if request_id in self._aborting:
+                    raise asyncio.CancelledError(f"request {request_id} aborted")
                 if first:
                     first = False
                     metrics.queue_s += item.get("queue_s", 0.0)
@@ -523,7 +533,7 @@ class Cluster:
     async def _next_ref(self, stream, timeout_s: float, worker_id: str, request_id: str):
         """Return the stream's next object ref, or None at its end."""
         try:
-            return await asyncio.wait_for(stream.__anext__(), timeout_s)
+            return await _bounded(stream.__anext__(), timeout_s)
         except StopAsyncIteration:
             return None
         except asyncio.TimeoutError:
@@ -533,7 +543,7 @@ class Cluster:
 
     async def _remote(self, ref, timeout_s: float, worker_id: str, request_id: str):
         try:
-            return await asyncio.wait_for(ref, timeout_s)
+            return await _bounded(ref, timeout_s)
         except asyncio.TimeoutError:
             raise TimeoutError(
                 f"request {request_id}: worker {worker_id} did not respond within {timeout_s} s"
@@ -619,11 +629,12 @@ class Cluster:
                 "bytes": sum(w["transfer_bytes"] for w in decode),
             },
             "coordinator": await self._coordinator.stats.remote(),
-            "cache": _cache_stats(pools, self.config.prefill_block_tokens),
+            "cache": _cache_stats(pools, prefill, self.config.prefill_block_tokens),
         }
 
 
-def _cache_stats(pools: list[dict], chunk_tokens: int) -> dict[str, Any]:
+def _cache_stats(pools: list[dict], prefill: list[dict], chunk_tokens: int) -> dict[str, Any]:
+    """Pool occupancy from the pools; hits and misses (in chunks) as the prefill workers saw them."""
     def total(name: str) -> int:
         return sum(p.get(name, 0) for p in pools)
 
@@ -635,8 +646,8 @@ def _cache_stats(pools: list[dict], chunk_tokens: int) -> dict[str, Any]:
         "chunks": total("chunks"),
         "pinned": total("pinned"),
         "reserved": total("reserved"),
-        "hits": total("hits"),
-        "misses": total("misses"),
+        "hits": sum(w.get("cache_hits", 0) for w in prefill),
+        "misses": sum(w.get("cache_misses", 0) for w in prefill),
         "evictions": total("evictions"),
         "spilled_chunks": total("spilled_chunks"),
     }
@@ -694,6 +705,24 @@ def _as_batch(prompts) -> list[Prompt]:
     if not isinstance(prompts, Sequence):
         raise ValueError(f"prompts of type {type(prompts).__name__} is not supported: pass a str or a list.")
     return list(prompts)
+
+
+async def _bounded(awaitable, timeout_s: float):
+    """Await with a timeout, like ``asyncio.wait_for``, but never swallow a cancellation.
+
+    On Python 3.11 ``wait_for`` can drop a ``cancel()`` that lands as the
+    inner future completes, which made ``abort`` miss now and then.
+    """
+    task = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        raise asyncio.TimeoutError
+    return task.result()
 
 
 async def _gather(coros) -> list:

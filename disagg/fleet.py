@@ -67,7 +67,14 @@ class Fleet:
         """Wait for a created worker to load, then register it; return its start-up facts."""
         kind = self.pending[worker_id]
         try:
-            info = await asyncio.wait_for(handle.start.remote(self.coordinator), timeout_s)
+            try:
+                info = await asyncio.wait_for(handle.start.remote(self.coordinator), timeout_s)
+            except asyncio.TimeoutError:
+                raise TimeoutError(
+                    f"{kind} worker {worker_id} did not start within {timeout_s} s: Ray may have no node with "
+                    f"free {self.resources[kind]}; check ray.available_resources(), use smaller WorkerResources, "
+                    "or scale with wait=False to leave it pending"
+                ) from None
             await asyncio.wait_for(
                 self.coordinator.register.remote(worker_id, kind, handle, info["handshake"], info["node_id"]),
                 self.config.timeouts.actor_start_s)

@@ -78,7 +78,10 @@ class Router:
     def _pick(self, kind: WorkerKind, load) -> WorkerEntry:
         candidates = [w for w in self.of_kind(kind) if not w.draining]
         if not candidates:
-            raise RuntimeError(f"no {kind} worker is registered with the coordinator")
+            raise RuntimeError(
+                f"no {kind} worker is available (all died or are draining): "
+                f"add one with cluster.scale({kind}=1)"
+            )
         lowest = min(load(w) for w in candidates)
         tied = sorted((w for w in candidates if load(w) == lowest), key=lambda w: w.worker_id)
         return tied[self._turn % len(tied)]

@@ -45,7 +45,7 @@ class SamplingParams:
         """Raise ``ValueError`` naming the first invalid field and its valid range."""
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens!r} is invalid: it must be an integer >= 1.")
-        if not _is_real(self.temperature) or self.temperature < 0 or math.isnan(self.temperature):
+        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(
                 f"temperature={self.temperature!r} is invalid: use 0 for greedy decoding or a positive number."
             )

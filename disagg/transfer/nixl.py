@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import msgpack
@@ -71,8 +72,14 @@ class NixlSender(KVSender):
         Uses the blocks of an earlier ``reserve`` when there is one.
         """
         lease = self._leases.get(request_id)
+        if lease is None and start > 0:
+            raise RuntimeError(
+                f"prefill outbox: the reservation of request {request_id} expired before its KV was exported; "
+                "its cached prefix is gone (raise Timeouts.prefill_s)"
+            )
         if lease is None:
             lease = self._leases.add(request_id, self.outbox.allocate(request_id, result.num_tokens), ttl_s)
+        lease.deadline_s = time.monotonic() + ttl_s  # the reader's time starts now, not at reservation
         block_ids = lease.payload
         self.outbox.write(block_ids, result.layer_kv, start=start)
         lease.mark_written()
@@ -129,10 +136,15 @@ class NixlSender(KVSender):
 
     def prefix_kv(self, block_ids: list[int], num_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Return each layer's ``(k, v)`` of the first ``num_tokens`` positions, copied out of the blocks."""
-        blocks = self.outbox.tensor[block_ids]  # [blocks, layers, 2, heads, block_tokens, dim]
-        layers, heads, dim = blocks.shape[1], blocks.shape[3], blocks.shape[5]
-        joined = blocks.permute(1, 2, 3, 0, 4, 5).reshape(layers, 2, heads, -1, dim)[:, :, :, :num_tokens]
-        return [(joined[layer, 0].contiguous(), joined[layer, 1].contiguous()) for layer in range(layers)]
+        # One copy per layer and k/v: concatenating the blocks' [heads, block_tokens, dim] runs.
+        num_blocks = -(-num_tokens // self.outbox.block_tokens)
+        tensor = self.outbox.tensor
+        layer_kv = []
+        for layer in range(tensor.shape[1]):
+            keys = torch.cat([tensor[b, layer, 0] for b in block_ids[:num_blocks]], dim=1)[:, :num_tokens]
+            values = torch.cat([tensor[b, layer, 1] for b in block_ids[:num_blocks]], dim=1)[:, :num_tokens]
+            layer_kv.append((keys, values))
+        return layer_kv
 
     def poll(self) -> list[str]:
         freed = []

@@ -136,3 +136,30 @@ def test_coordinator_killed_under_load(shared):
     assert [o.token_ids for o in box["result"]] == expected
     assert [o.token_ids for o in shared.generate(prompts, SHORT)] == expected
     assert_idle(shared)
+
+
+def test_abort_is_reliable_in_a_loop(shared):
+    for round_number in range(5):
+        request_id = f"loop-abort-{round_number}"
+        thread, box = in_thread(lambda rid=request_id: asyncio.run(shared.generate_async("v" * 30, LONG, request_id=rid)))
+        wait_until_running(shared)
+        assert shared.abort(request_id)
+        thread.join(timeout=10)
+        assert not thread.is_alive(), f"round {round_number}: abort did not end the request"
+        output = box["result"][0]
+        assert output.finish_reason == disagg.FinishReason.ABORT, (round_number, len(output.token_ids))
+        assert_idle(shared, within_s=1.0)
+
+
+def test_duplicate_request_id_rejected(shared):
+    async def both():
+        first = asyncio.ensure_future(shared.generate_async("dup " * 5, LONG, request_id="dup-1"))
+        await asyncio.sleep(0.2)
+        with pytest.raises(ValueError, match="already in flight"):
+            await shared.generate_async("dup " * 5, SHORT, request_id="dup-1")
+        assert shared.abort("dup-1")
+        return await first
+
+    output = asyncio.run(both())[0]
+    assert output.finish_reason == disagg.FinishReason.ABORT
+    assert_idle(shared, within_s=1.0)
