@@ -163,3 +163,34 @@ def test_duplicate_request_id_rejected(shared):
     output = asyncio.run(both())[0]
     assert output.finish_reason == disagg.FinishReason.ABORT
     assert_idle(shared, within_s=1.0)
+
+
+def test_prefill_dead_before_transfer_frees_decode_slot(cluster):
+    """Kill the prefill worker after it exported KV, before the decode worker READs it."""
+    prefill_id = next(w for w, kind in cluster._kinds.items() if kind == "prefill")
+    decode_id = next(w for w, kind in cluster._kinds.items() if kind == "decode")
+    prefill, decode = cluster._workers[prefill_id], cluster._workers[decode_id]
+    request = {"request_id": "doomed-transfer", "prompt_token_ids": [5] * 100,
+               "params": SHORT.to_dict(), "chunk_keys": [], "cache_salt": None}
+    exported = ray.get(prefill.prefill.remote(request))
+    ray.kill(prefill)
+    time.sleep(0.5)
+
+    stream = decode.generate.options(num_returns="streaming").remote(request, exported["first_token"],
+                                                                     exported["handle"])
+    started = time.monotonic()
+    with pytest.raises(ray.exceptions.RayTaskError) as caught:
+        for ref in stream:
+            ray.get(ref, timeout=30)
+    assert time.monotonic() - started < 30
+    assert f"{prefill_id}-nixl" in str(caught.value)  # the error names the dead peer
+    stats = ray.get(decode.stats.remote())
+    assert stats["kv_blocks_used"] == 0 and stats["running"] == 0
+    # The decode worker is not blamed: it keeps serving through the surviving prefill worker.
+    ray.get(cluster._coordinator.remove_worker.remote(prefill_id))
+    cluster.fleet.workers.pop(prefill_id)
+    cluster.fleet.kinds.pop(prefill_id)
+    outputs = cluster.generate(["after the lost transfer"] * 4, SHORT)
+    assert all(len(o.token_ids) == 8 for o in outputs)
+    assert decode_id in {o.metrics.decode_worker for o in outputs}
+    assert_idle(cluster)
