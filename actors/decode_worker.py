@@ -40,6 +40,7 @@ class DecodeWorker:
                                       self.config.prefill_block_tokens)
         self._streams: dict[str, asyncio.Queue] = {}
         self._aborted: set[str] = set()
+        self._pending: set[str] = set()  # requests between arrival and joining the batch
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._num_waiting = 0
@@ -95,7 +96,12 @@ class DecodeWorker:
         num_prompt_tokens = len(request["prompt_token_ids"])
 
         queued_at = time.perf_counter()
-        slot = await self._reserve(request_id)
+        self._pending.add(request_id)
+        try:
+            slot = await self._reserve(request_id)
+        except BaseException:
+            self._pending.discard(request_id)
+            raise
         queue_s = time.perf_counter() - queued_at
         joined = False
         try:
@@ -119,12 +125,13 @@ class DecodeWorker:
 
             async for item in self._drain(queue):
                 yield item
-        except BaseException:
+        except Exception:  # a cancelled or closed stream is not a failure
             self._num_failed += 1
             raise
         finally:
             self._streams.pop(request_id, None)
             self._aborted.discard(request_id)
+            self._pending.discard(request_id)
             if joined:
                 self.engine.abort(request_id)  # no-op when the sequence already finished
             elif self.arena.owner(slot) == request_id:
@@ -133,9 +140,11 @@ class DecodeWorker:
     async def abort(self, request_id: str) -> bool:
         """End a request wherever it is here; its slot is freed. Return whether it was known."""
         queue = self._streams.get(request_id)
-        self._aborted.add(request_id)
         if queue is not None:
             queue.put_nowait(_Aborted())
+            return True
+        if request_id in self._pending:  # still waiting for a slot or its KV: checked once the pull ends
+            self._aborted.add(request_id)
             return True
         return False
 
