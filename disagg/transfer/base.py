@@ -41,7 +41,7 @@ class KVSender(ABC):
 
     @abstractmethod
     def can_export(self, num_tokens: int) -> bool:
-        """Whether ``export`` of ``num_tokens`` tokens would find room now."""
+        """Return whether ``export`` of ``num_tokens`` tokens would find room now."""
 
     @abstractmethod
     def export(self, request_id: str, result: PrefillResult, ttl_s: float, start: int = 0) -> KVHandle:

@@ -133,9 +133,10 @@ def test_stats_report_cache(cached):
     cache = cached.stats()["cache"]
     assert cache["chunk_tokens"] == CHUNK
     assert cache["pool_bytes_total"] > 0
-    assert cache["chunks"] > 0 and cache["pool_bytes_used"] > 0
-    assert cache["hits"] > 0 and cache["misses"] >= 0
-    assert cache["evictions"] >= 0
+    assert cache["chunks"] > 0
+    assert cache["pool_bytes_used"] > 0
+    assert cache["hits"] > 0
+    assert cache["misses"] > 0  # each prompt's first request found nothing
 
 
 def test_eviction_under_pressure_stays_correct(ray_session, uncached):

@@ -25,7 +25,8 @@ def test_mismatched_dtype_rejected_at_registration(ray_session):
         message = str(caught.value)
         assert "stranger-prefill" in message
         assert cluster._name in message  # the peer that rejected it (a decode worker or a pool)
-        assert "bfloat16" in message and "float32" in message
+        assert "bfloat16" in message
+        assert "float32" in message
         assert ray.get(cluster._coordinator.workers.remote())["prefill"] == [f"{cluster._name}-prefill-0"]
         ray.get(stranger.shutdown.remote())
         ray.kill(stranger)

@@ -92,7 +92,8 @@ def test_worker_exception_fails_only_its_request(cluster):
 
     failed, good = asyncio.run(both())
     assert isinstance(failed, RequestFailedError)
-    assert "prefill" in str(failed) and "req-broken" in str(failed)
+    assert "prefill" in str(failed)
+    assert "req-broken" in str(failed)
     assert "IndexError" in str(failed) or "index" in str(failed).lower()
     assert good[0].finish_reason == disagg.FinishReason.LENGTH
     assert served(cluster)
@@ -164,11 +165,16 @@ def test_request_id_roundtrip(cluster):
 def test_metrics_and_stats(cluster):
     output = cluster.generate("metrics please", GREEDY)[0]
     metrics = output.metrics
-    assert metrics.ttft_s > 0 and metrics.prefill_s > 0 and metrics.transfer_s > 0
-    assert metrics.transfer_bytes > 0 and metrics.transport == "nixl"
+    assert metrics.ttft_s > 0
+    assert metrics.prefill_s > 0
+    assert metrics.transfer_s > 0
+    assert metrics.transfer_bytes > 0
+    assert metrics.transport == "nixl"
     assert metrics.tpot_s > 0
     stats = cluster.stats()
-    assert stats["prefill"]["replicas"] == 2 and stats["decode"]["replicas"] == 2
+    assert stats["prefill"]["replicas"] == 2
+    assert stats["decode"]["replicas"] == 2
     assert stats["decode"]["kv_blocks_total"] == 8
-    assert stats["transfers"]["count"] > 0 and stats["transfers"]["bytes"] > 0
+    assert stats["transfers"]["count"] > 0
+    assert stats["transfers"]["bytes"] > 0
     assert_idle(cluster)

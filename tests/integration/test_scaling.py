@@ -58,7 +58,8 @@ def test_scale_up_and_down_under_traffic(cluster):
     for worker_id, held in removed.items():
         assert not any(held.values()), (worker_id, held)
     stats = cluster.stats()
-    assert stats["prefill"]["replicas"] == 1 and stats["decode"]["replicas"] == 1
+    assert stats["prefill"]["replicas"] == 1
+    assert stats["decode"]["replicas"] == 1
     assert_idle(cluster)
 
 
