@@ -32,16 +32,10 @@ from disagg.transfer.protocol import ReleaseNotice
 logger = logging.getLogger(__name__)
 
 
-class NixlSender(KVSender):
-    name = "nixl"
+class _NixlPeers:
+    """Peer handling shared by both sides: each owns one ``NixlEndpoint`` as ``self.endpoint``."""
 
-    def __init__(self, worker_id: str, layout: KVLayout, compat: dict, outbox_tokens: int, block_tokens: int) -> None:
-        self.outbox = PrefillKVBuffer(layout, -(-outbox_tokens // block_tokens), block_tokens)
-        self.endpoint = NixlEndpoint(f"{worker_id}-nixl", compat, worker=worker_id)
-        self.endpoint.register(self.outbox.tensor)
-        self._leases = LeaseTable()
-        # request id -> readers ("decode", "pool") that have not released yet
-        self._readers: dict[str, set[str]] = {}
+    endpoint: NixlEndpoint
 
     def handshake(self) -> bytes:
         return self.endpoint.handshake()
@@ -52,6 +46,18 @@ class NixlSender(KVSender):
     def remove_peer(self, agent: str) -> None:
         if agent in self.endpoint.stats()["peers"]:
             self.endpoint.remove_peer(agent)
+
+
+class NixlSender(_NixlPeers, KVSender):
+    name = "nixl"
+
+    def __init__(self, worker_id: str, layout: KVLayout, compat: dict, outbox_tokens: int, block_tokens: int) -> None:
+        self.outbox = PrefillKVBuffer(layout, -(-outbox_tokens // block_tokens), block_tokens)
+        self.endpoint = NixlEndpoint(f"{worker_id}-nixl", compat, worker=worker_id)
+        self.endpoint.register(self.outbox.tensor)
+        self._leases = LeaseTable()
+        # request id -> readers ("decode", "pool") that have not released yet
+        self._readers: dict[str, set[str]] = {}
 
     def can_export(self, num_tokens: int) -> bool:
         return self.outbox.can_allocate(num_tokens)
@@ -181,7 +187,7 @@ def _reader_role(peer: str) -> str:
     return "pool" if "-pool-" in peer else "decode"
 
 
-class NixlReceiver(KVReceiver):
+class NixlReceiver(_NixlPeers, KVReceiver):
     name = "nixl"
 
     def __init__(self, worker_id: str, arena: DecodeKVArena, compat: dict, block_tokens: int) -> None:
@@ -189,16 +195,6 @@ class NixlReceiver(KVReceiver):
         self.block_tokens = block_tokens
         self.endpoint = NixlEndpoint(f"{worker_id}-nixl", compat, worker=worker_id)
         self.endpoint.register(arena.tensor)
-
-    def handshake(self) -> bytes:
-        return self.endpoint.handshake()
-
-    def add_peer(self, handshake: bytes) -> None:
-        self.endpoint.add_peer(handshake)
-
-    def remove_peer(self, agent: str) -> None:
-        if agent in self.endpoint.stats()["peers"]:
-            self.endpoint.remove_peer(agent)
 
     async def pull(self, request_id: str, handle: KVHandle, slot: int, timeout_s: float) -> int:
         descriptor = msgpack.unpackb(handle["descriptor"], raw=False)
