@@ -43,7 +43,7 @@ class AutoscalePolicy:
 
 @dataclass(frozen=True)
 class LoadSignals:
-    """What the autoscaler looks at, measured over the recent window."""
+    """Load measurements the autoscaler decides on, taken over the recent window."""
 
     num_prefill: int
     num_decode: int

@@ -114,7 +114,7 @@ class RequestDriver:
         timeouts = self.config.timeouts
         request_id = request["request_id"]
         # NOTE: if the prefill worker dies after handing off its KV but before this READ,
-        # the request fails with an error naming the lost peer; it is not re-run.
+        # the request fails with an error naming the lost peer. It is not re-run.
         stream = route["decode"].generate.options(num_returns="streaming").remote(
             request, state.token_ids[0], handle)
         finished = False

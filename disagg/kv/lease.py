@@ -154,6 +154,10 @@ class LeaseTable:
         self._finished.pop(request_id, None)
         return lease
 
+    def active_request_ids(self) -> list[str]:
+        """Return the request ids of every active lease, as a new list."""
+        return list(self._leases)
+
     def get(self, request_id: str) -> KVLease | None:
         """Return the active lease of ``request_id``, or None if it has none."""
         return self._leases.get(request_id)

@@ -8,9 +8,9 @@ longest sequence in the step::
                         row i writes position positions[i]
 
 Rows with no running sequence (holes between ``lo`` and ``hi``) are fed a
-dummy token; they write into the last position of their slot, which no
-transfer touches (a prompt is always shorter than the slot) and which a later
-sequence overwrites before it reads it.
+dummy token. They write into the last position of their slot. No transfer
+touches that position, because a prompt is always shorter than the slot, and
+a later sequence overwrites it before reading it.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class SlotLayer(CacheLayerMixin):
 
 
 class StepIndex:
-    """Where each row of one decode step reads and writes.
+    """Read and write positions of each row of one decode step.
 
     ``positions[i]`` is the number of tokens row i already holds, so its new
     token goes there; dummy rows write at the slot's last position instead.

@@ -27,13 +27,13 @@ class KVSender(ABC):
 
     name: str
 
-    @abstractmethod
     def handshake(self) -> bytes | None:
-        """Return this side's connection handshake, or None when the transport needs none."""
+        """Return this side's connection handshake; None (the default) when the transport needs none."""
+        return None
 
-    @abstractmethod
     def add_peer(self, handshake: bytes) -> None:
-        """Accept a decode worker's handshake; raise ``IncompatiblePeerError`` on a mismatch."""
+        """Accept a peer's handshake; raise ``IncompatiblePeerError`` on a mismatch. A no-op by default."""
+        return None
 
     def remove_peer(self, agent: str) -> None:
         """Forget a departed peer; a no-op for transports without peers."""
@@ -71,11 +71,13 @@ class KVReceiver(ABC):
 
     name: str
 
-    @abstractmethod
-    def handshake(self) -> bytes | None: ...
+    def handshake(self) -> bytes | None:
+        """Return this side's connection handshake; None (the default) when the transport needs none."""
+        return None
 
-    @abstractmethod
-    def add_peer(self, handshake: bytes) -> None: ...
+    def add_peer(self, handshake: bytes) -> None:
+        """Accept a peer's handshake; raise ``IncompatiblePeerError`` on a mismatch. A no-op by default."""
+        return None
 
     def remove_peer(self, agent: str) -> None:
         """Forget a departed peer; a no-op for transports without peers."""

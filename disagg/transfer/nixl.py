@@ -7,7 +7,7 @@
    registered at start-up too), with a ``ReleaseNotice`` as the READ's
    notification.
 3. The prefill worker polls notifications every millisecond; the notice frees
-   the blocks. A lease nobody reads expires and frees them too.
+   the blocks. A lease that no reader takes expires and frees them too.
 """
 
 from __future__ import annotations

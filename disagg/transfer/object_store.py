@@ -34,12 +34,6 @@ class ObjectStoreSender(KVSender):
         self._num_exported = 0
         self._exported_bytes = 0
 
-    def handshake(self) -> bytes | None:
-        return None
-
-    def add_peer(self, handshake: bytes) -> None:
-        return None
-
     def can_export(self, num_tokens: int) -> bool:
         return True
 
@@ -68,7 +62,7 @@ class ObjectStoreSender(KVSender):
                 "exported_bytes": self._exported_bytes}
 
     def close(self) -> None:
-        for request_id in list(self._leases._leases):
+        for request_id in self._leases.active_request_ids():
             self._leases.release(request_id)
 
 
@@ -80,12 +74,6 @@ class ObjectStoreReceiver(KVReceiver):
         self.arena = arena
         self._num_pulls = 0
         self._pulled_bytes = 0
-
-    def handshake(self) -> bytes | None:
-        return None
-
-    def add_peer(self, handshake: bytes) -> None:
-        return None
 
     async def pull(self, request_id: str, handle: KVHandle, slot: int, timeout_s: float) -> int:
         array: np.ndarray = await asyncio.wait_for(handle["ref"], timeout=timeout_s)

@@ -27,10 +27,12 @@ def test_finish_returns_load():
     router = make_router(1, 1)
     router.route("r1", 50)
     router.prefill_done("r1")
-    assert router.workers["p0"].num_tokens == 0 and router.workers["p0"].num_requests == 0
+    assert router.workers["p0"].num_tokens == 0
+    assert router.workers["p0"].num_requests == 0
     assert router.workers["d0"].num_requests == 1
     router.finish("r1")
-    assert router.workers["d0"].num_requests == 0 and router.workers["d0"].num_tokens == 0
+    assert router.workers["d0"].num_requests == 0
+    assert router.workers["d0"].num_tokens == 0
     router.finish("unknown")  # ignored
     assert not router.assignments
 
